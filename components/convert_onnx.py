@@ -1,0 +1,122 @@
+"""Step `convert-onnx`: model.pt -> model.onnx (one file, dynamic batch) + a bit-parity report.
+
+The exported graph is image in [0, 1] (N, 3, S, S) -> tanh codes (N, K). Parity is checked on
+*bits*, the thing retrieval uses: onnxruntime must give the same bit as PyTorch wherever the
+code is clearly away from 0, and nearly everywhere overall. The step fails otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from pathlib import Path
+
+INPUT_NAME = "images"
+OUTPUT_NAME = "codes"
+
+
+@dataclass(frozen=True)
+class ConvertOnnxParams:
+    """params.yaml `convert_onnx:`."""
+
+    parity_images: int = 64  # the first N query images of the manifest: a fixed real batch
+    min_bit_agreement: float = 0.999  # overall; bits with |code| > confident_margin must all agree
+    confident_margin: float = 1e-3
+
+    def __post_init__(self):
+        if self.parity_images < 2:
+            raise ValueError("parity_images must be >= 2 (the batch dimension is tested with 1 and N)")
+        if not 0 < self.min_bit_agreement <= 1:
+            raise ValueError(f"min_bit_agreement must be in (0, 1], got {self.min_bit_agreement}")
+
+
+def convert_onnx(params: ConvertOnnxParams, model_path: Path, manifest_path: Path, data_root: Path, out_dir: Path) -> dict:
+    import numpy as np
+    import onnx
+    import torch
+
+    from adalabelhash.data.manifest import Manifest
+    from adalabelhash.errors import UserError
+    from adalabelhash.fileio import atomic_directory, write_json
+    from adalabelhash.model import load_model
+    from adalabelhash.onnx_runtime import open_session
+    from adalabelhash.preprocess import load_images, to_model_input
+
+    loaded = load_model(model_path)
+    model, size = loaded.model, loaded.image_size
+    manifest = Manifest.load(manifest_path)
+    paths = [Path(data_root) / p for p in manifest.frame.loc[manifest.frame["query"], "path"][: params.parity_images]]
+    if len(paths) < 2:
+        raise UserError(f"{manifest_path}: need at least 2 query images for the parity check, found {len(paths)}")
+    batch = to_model_input(load_images(paths, size))
+
+    with atomic_directory(out_dir) as tmp:
+        onnx_path = tmp / "model.onnx"
+        example = torch.from_numpy(batch[:2])
+        torch.onnx.export(
+            model, (example,), onnx_path, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+            dynamic_shapes={"images": {0: torch.export.Dim("batch")}}, external_data=False, dynamo=True,
+        )
+        graph = onnx.load(onnx_path)
+        onnx.checker.check_model(graph, full_check=True)
+        batch_dim = graph.graph.input[0].type.tensor_type.shape.dim[0]
+        if not batch_dim.dim_param or batch_dim.HasField("dim_value"):
+            raise UserError(f"exported model has a fixed batch dimension ({batch_dim}); expected a symbolic one")
+
+        with torch.no_grad():
+            reference = model(torch.from_numpy(batch)).numpy()
+        session = open_session(onnx_path)
+        ort_codes = session.run([OUTPUT_NAME], {INPUT_NAME: batch})[0]
+        single = session.run([OUTPUT_NAME], {INPUT_NAME: batch[:1]})[0]
+        report = parity_report(reference, ort_codes, params.confident_margin)
+        report.update({
+            "images": len(batch),
+            "image_size": size,
+            "bits": int(reference.shape[1]),
+            "batch_dim": batch_dim.dim_param,
+            "batch_of_one_matches": bool(np.array_equal(single >= 0, ort_codes[:1] >= 0)),
+            "providers": session.get_providers(),
+            "onnx_bytes": onnx_path.stat().st_size,
+        })
+        report["passed"] = bool(
+            report["confident_agreement"] == 1.0
+            and report["bit_agreement"] >= params.min_bit_agreement
+            and report["batch_of_one_matches"]
+        )
+        if not report["passed"]:
+            raise UserError(
+                f"ONNX parity failed: bit agreement {report['bit_agreement']:.5f} (need >= {params.min_bit_agreement}), "
+                f"confident bits {report['confident_agreement']:.5f} (need 1.0), batch of one ok: {report['batch_of_one_matches']}"
+            )
+        write_json(tmp / "parity.json", report)
+    return report
+
+
+def parity_report(reference, candidate, confident_margin: float) -> dict:
+    import numpy as np
+
+    same = (reference >= 0) == (candidate >= 0)
+    confident = np.abs(reference) > confident_margin
+    return {
+        "bit_agreement": float(same.mean()),
+        "confident_agreement": float(same[confident].mean()) if confident.any() else 1.0,
+        "confident_bits": int(confident.sum()),
+        "max_abs_diff": float(np.abs(reference - candidate).max()),
+    }
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--params", default="params.yaml", help="params file; reads `convert_onnx:`")
+    parser.add_argument("--model", required=True, type=Path)
+    parser.add_argument("--manifest", required=True, type=Path)
+    parser.add_argument("--data-root", required=True, type=Path)
+    parser.add_argument("--out", required=True, type=Path)
+
+
+def run(args: argparse.Namespace) -> None:
+    from adalabelhash.params import load_section
+
+    params = load_section(ConvertOnnxParams, "convert_onnx", args.params)
+    report = convert_onnx(params, args.model, args.manifest, args.data_root, args.out)
+    print(f"model.onnx ({report['onnx_bytes'] / 1e6:.1f} MB, batch dim '{report['batch_dim']}'): bit agreement "
+          f"{report['bit_agreement']:.5f}, max |diff| {report['max_abs_diff']:.2e} on {report['images']} images -> {args.out}")
