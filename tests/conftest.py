@@ -41,3 +41,33 @@ def cifar_sample(cifar_tarball):
     images = np.stack([img for c in classes for img in taken[c]])
     labels = np.repeat(np.arange(len(classes)), per_class)
     return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255, torch.from_numpy(labels)
+
+
+def synthetic_images(classes: int, per_class: int, size: int = 16, seed: int = 0):
+    """Easy but not trivial images: a class-specific colour in the top or bottom half, plus noise.
+
+    Nothing depends on left/right, so the horizontal flip augmentation keeps the class.
+
+    Returns (uint8 images N x 3 x S x S, one-hot labels N x C) as torch tensors.
+    """
+    import torch
+
+    colours = np.random.default_rng(1234).integers(40, 216, size=(classes, 3))  # the classes: same for every seed
+    rng = np.random.default_rng(seed)
+    images = rng.integers(0, 60, size=(classes * per_class, 3, size, size)).astype(np.int64)
+    labels = np.repeat(np.arange(classes), per_class)
+    half = size // 2
+    for i, c in enumerate(labels):
+        y = int(c) % 2
+        images[i, :, y * half : (y + 1) * half, :] += colours[c][:, None, None]
+    images = np.clip(images, 0, 255).astype(np.uint8)
+    return torch.from_numpy(images), torch.nn.functional.one_hot(torch.from_numpy(labels), classes).to(torch.uint8)
+
+
+@pytest.fixture
+def tiny_train_data():
+    from adalabelhash.train import TrainData
+
+    train_x, train_y = synthetic_images(4, 24, seed=0)
+    val_x, val_y = synthetic_images(4, 6, seed=1)
+    return TrainData(train_x, train_y, val_x, val_y, ["a", "b", "c", "d"], fingerprint="synthetic-v1")

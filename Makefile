@@ -1,0 +1,44 @@
+# make help: what each target does. Every target sets up .venv itself on first use.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+export PATH := $(abspath $(BIN)):$(PATH)
+export DVC_NO_ANALYTICS := 1
+export GIT_PYTHON_REFRESH := quiet
+
+.DEFAULT_GOAL := help
+.PHONY: help venv data run test test-fast pipeline constraints clean
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
+
+venv: $(STAMP) ## create .venv with the pinned working set (constraints.txt)
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[cpu,dev]'
+	touch $(STAMP)
+
+data: $(STAMP) ## materialise the embedded default dataset (digits) under data/
+	@test -d data/digits || adalabelhash get-data digits --out data/digits
+
+run: data ## run the whole pipeline (dvc repro) on the embedded default
+	dvc repro
+
+test: $(STAMP) ## run the test suite (what CI runs)
+	$(BIN)/python -m pytest
+
+test-fast: $(STAMP) ## the suite without the slow end-to-end tests
+	$(BIN)/python -m pytest -m "not slow"
+
+pipeline: $(STAMP) ## recompile the Kubeflow pipeline YAML (pipelines/adalabelhash_pipeline.yaml)
+	$(BIN)/python -m pipelines.pipeline
+
+constraints: $(STAMP) ## re-pin constraints.txt from the current .venv
+	{ sed -n '1,2p' constraints.txt; $(BIN)/pip freeze --exclude-editable | grep -v '^adalabelhash'; \
+	  grep -A1 '^# gpu extra' constraints.txt; } > constraints.new && mv constraints.new constraints.txt
+
+clean: ## remove pipeline outputs (keeps data/ and .venv)
+	rm -rf build .cache mlflow.db mlruns mlartifacts
