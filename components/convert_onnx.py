@@ -10,6 +10,10 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from adalabelhash.tracking import RunRef
 
 INPUT_NAME = "images"
 OUTPUT_NAME = "codes"
@@ -105,9 +109,26 @@ def parity_report(reference, candidate, confident_margin: float) -> dict:
     }
 
 
+def convert_onnx_tracked(params: ConvertOnnxParams, model_dir: Path, manifest_path: Path, data_root: Path,
+                         codewords_dir: Path, out_dir: Path, upstream) -> tuple[dict, "RunRef"]:
+    """Convert, then log the parity report and the ONNX model (codewords and class names beside it)."""
+    from adalabelhash import tracking
+
+    ref = tracking.attach(upstream, "convert_onnx", params)
+    with tracking.step_status(ref):
+        report = convert_onnx(params, Path(model_dir) / "model.pt", manifest_path, data_root, out_dir)
+        tracking.log_metrics(ref, {"onnx_bit_agreement": report["bit_agreement"], "onnx_max_abs_diff": report["max_abs_diff"]})
+        tracking.log_artifacts(ref, [Path(out_dir) / "parity.json"], "onnx")
+        extra = [Path(codewords_dir) / "codewords.json", Path(codewords_dir) / "codewords.npy"]
+        ref = tracking.log_onnx_model(ref, Path(out_dir) / "model.onnx", extra, report["image_size"])
+    ref.save(out_dir)
+    return report, ref
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--params", default="params.yaml", help="params file; reads `convert_onnx:`")
-    parser.add_argument("--model", required=True, type=Path)
+    parser.add_argument("--model", required=True, type=Path, help="output directory of the train step")
+    parser.add_argument("--codewords", required=True, type=Path, help="output directory of export-codewords (MLflow run, codewords)")
     parser.add_argument("--manifest", required=True, type=Path)
     parser.add_argument("--data-root", required=True, type=Path)
     parser.add_argument("--out", required=True, type=Path)
@@ -117,6 +138,6 @@ def run(args: argparse.Namespace) -> None:
     from adalabelhash.params import load_section
 
     params = load_section(ConvertOnnxParams, "convert_onnx", args.params)
-    report = convert_onnx(params, args.model, args.manifest, args.data_root, args.out)
+    report, _ = convert_onnx_tracked(params, args.model, args.manifest, args.data_root, args.codewords, args.out, args.codewords)
     print(f"model.onnx ({report['onnx_bytes'] / 1e6:.1f} MB, batch dim '{report['batch_dim']}'): bit agreement "
           f"{report['bit_agreement']:.5f}, max |diff| {report['max_abs_diff']:.2e} on {report['images']} images -> {args.out}")

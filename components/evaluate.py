@@ -10,6 +10,10 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from adalabelhash.tracking import RunRef
 
 
 @dataclass(frozen=True)
@@ -148,8 +152,22 @@ def examples_grid(manifest, data_root: Path, q_ids, q_codes, db_ids, db_codes, p
     canvas.save(path)
 
 
+def evaluate_tracked(params: EvaluateParams, encoded_dir: Path, manifest_path: Path, data_root: Path | None,
+                     out_dir: Path, codewords_path: Path | None, upstream) -> tuple[dict, "RunRef"]:
+    from adalabelhash import tracking
+
+    ref = tracking.attach(upstream, "evaluate", params)
+    with tracking.step_status(ref):
+        metrics = evaluate(params, encoded_dir, manifest_path, data_root, out_dir, codewords_path)
+        tracking.log_metrics(ref, {k: v for k, v in metrics.items() if k not in ("stable_seed",)})
+        tracking.log_artifacts(ref, sorted(Path(out_dir).glob("*")), "evaluation")
+    ref.save(out_dir)
+    return metrics, ref
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--params", default="params.yaml", help="params file; reads `evaluate:`")
+    parser.add_argument("--run", required=True, type=Path, help="mlflow_run.json of the upstream step (or its directory)")
     parser.add_argument("--encoded", required=True, type=Path, help="output directory of the encode step")
     parser.add_argument("--manifest", required=True, type=Path)
     parser.add_argument("--data-root", type=Path, help="images, for the retrieval-examples grid")
@@ -161,7 +179,7 @@ def run(args: argparse.Namespace) -> None:
     from adalabelhash.params import load_section
 
     params = load_section(EvaluateParams, "evaluate", args.params)
-    m = evaluate(params, args.encoded, args.manifest, args.data_root, args.out, args.codewords)
+    m, _ = evaluate_tracked(params, args.encoded, args.manifest, args.data_root, args.out, args.codewords, args.run)
     extra = "".join(f", {k} {m[k]:.4f}" for k in m if k.startswith("mAP_at_") and not k.endswith("stable"))
     print(f"{m['bits']} bits, {m['queries']} queries x {m['database']} database: mAP {m['mAP']:.4f}{extra} "
           f"(stable-sort {m['mAP_stable']:.4f}) -> {args.out}/metrics.json")

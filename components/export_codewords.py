@@ -9,6 +9,10 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from adalabelhash.tracking import RunRef
 
 
 @dataclass(frozen=True)
@@ -123,9 +127,24 @@ def plot_heatmap(distances, names: list[str], path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def export_codewords_tracked(params: ExportCodewordsParams, model_path: Path, out_dir: Path, upstream) -> tuple[dict, "RunRef"]:
+    from adalabelhash import tracking
+
+    ref = tracking.attach(upstream, "export_codewords", params)
+    with tracking.step_status(ref):
+        summary = export_codewords(params, model_path, out_dir)
+        metrics = {"codeword_min_distance": summary["min_distance"], "codeword_mean_distance": summary["mean_distance"],
+                   "codeword_mean_abs": summary["mean_abs_codeword"]}
+        metrics.update({f"codeword_{k}": v for k, v in summary.get("groups", {}).items()})
+        tracking.log_metrics(ref, metrics)
+        tracking.log_artifacts(ref, sorted(Path(out_dir).glob("*")), "codewords")
+    ref.save(out_dir)
+    return summary, ref
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--params", default="params.yaml", help="params file; reads `export_codewords:`")
-    parser.add_argument("--model", required=True, type=Path, help="model.pt from the train step")
+    parser.add_argument("--model", required=True, type=Path, help="output directory of the train step")
     parser.add_argument("--out", required=True, type=Path)
 
 
@@ -133,6 +152,6 @@ def run(args: argparse.Namespace) -> None:
     from adalabelhash.params import load_section
 
     params = load_section(ExportCodewordsParams, "export_codewords", args.params)
-    summary = export_codewords(params, args.model, args.out)
+    summary, _ = export_codewords_tracked(params, args.model / "model.pt", args.out, args.model)
     pairs = ", ".join(f"{p['a']}-{p['b']} ({p['distance']})" for p in summary["nearest_pairs"][:5])
     print(f"{summary['classes']} codewords of {summary['bits']} bits -> {args.out}; nearest pairs: {pairs}")

@@ -5,7 +5,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 from adalabelhash.train import EpochCallback, TrainConfig
+
+if TYPE_CHECKING:
+    from adalabelhash.tracking import RunRef
 
 TrainParams = TrainConfig  # params.yaml `train:` is the core training config, unchanged
 
@@ -106,9 +111,39 @@ def plot_curves(history: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+TRACKED_SECTIONS = ("prepare", "validate", "train", "mlflow")  # what defines the model; later steps log their own
+
+
+def train_tracked(all_params: dict, manifest_path: Path, data_root: Path, validation_dir: Path, out_dir: Path,
+                  checkpoint_dir: Path | None = None, resume: bool = True, cache_dir: Path | None = None,
+                  source: str = "dvc") -> tuple[dict, "RunRef"]:
+    """`train` inside the pipeline: refuse data that failed the gate, start the MLflow run, log to it."""
+    from adalabelhash import tracking
+    from adalabelhash.data.manifest import Manifest
+    from adalabelhash.data.validation import require_passed
+    from adalabelhash.params import parse_section
+
+    params = parse_section(TrainConfig, all_params.get("train"), "train")
+    mlflow_params = parse_section(tracking.MlflowParams, all_params.get("mlflow"), "mlflow")
+    require_passed(validation_dir)
+    tags = tracking.provenance_tags(Manifest.load(manifest_path).fingerprint(), source)
+    logged = {k: all_params[k] for k in TRACKED_SECTIONS if k in all_params}
+    ref = tracking.start_run(mlflow_params, logged, tags, run_name=f"{params.backbone}-{params.bits}bits")
+    with tracking.step_status(ref):
+        tracking.log_artifacts(ref, sorted(Path(validation_dir).glob("*")), "validation")
+        summary = train(params, manifest_path, data_root, out_dir, checkpoint_dir, resume, cache_dir,
+                        callbacks=(tracking.epoch_logger(ref),))
+        tracking.log_metrics(ref, {"best_val_value": summary["best_value"], "best_epoch": summary["best_epoch"],
+                                   "train_seconds": summary["seconds"]})
+        tracking.log_artifacts(ref, [out_dir / n for n in ("history.csv", "curves.png", "train_summary.json")], "train")
+    ref.save(out_dir)
+    return summary, ref
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--params", default="params.yaml", help="params file; reads its `train:` section")
+    parser.add_argument("--params", default="params.yaml", help="params file; reads `train:` (and `mlflow:`)")
     parser.add_argument("--manifest", required=True, type=Path)
+    parser.add_argument("--validation", required=True, type=Path, help="output of the validate step (the gate must have passed)")
     parser.add_argument("--data-root", required=True, type=Path, help="directory the manifest paths are relative to")
     parser.add_argument("--out", required=True, type=Path, help="output directory (model.pt, history.csv, ...)")
     parser.add_argument("--checkpoints", type=Path, help="per-epoch checkpoints, kept across runs for resuming")
@@ -117,10 +152,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    from adalabelhash.params import load_section
+    from adalabelhash.params import load_params
 
-    params = load_section(TrainConfig, "train", args.params)
-    summary = train(params, args.manifest, args.data_root, args.out, args.checkpoints, not args.no_resume, args.cache)
+    summary, _ = train_tracked(load_params(args.params), args.manifest, args.data_root, args.validation, args.out,
+                               args.checkpoints, not args.no_resume, args.cache)
     print(f"trained {summary['backbone']} {summary['bits']} bits: best {summary['monitor']} "
           f"{summary['best_value']:.4f} at epoch {summary['best_epoch']}/{summary['epochs_run']} "
           f"in {summary['seconds']:.0f} s -> {args.out}/model.pt")
