@@ -55,7 +55,7 @@ class TrainConfig:
     epochs: int = 180
     batch_size: int = 32
     patience: int = 20  # early stopping: epochs without improvement of the monitored value; 0 = off
-    augment: Literal["shift_flip", "flip", "none"] = "shift_flip"  # reference: +-10 % shift + h-flip
+    augment: Literal["shift_flip", "shift", "flip", "none"] = "shift_flip"  # reference: +-10 % shift + h-flip
     shift: float = 0.1
     val_database_size: int = 2000  # training images the val queries are ranked against
     seed: int = 0
@@ -265,6 +265,8 @@ def _validation_database(config: TrainConfig, data: TrainData) -> tuple[torch.Te
 def _augment(images: torch.Tensor, config: TrainConfig, generator: torch.Generator) -> torch.Tensor:
     """uint8 batch -> float in [0, 1] with the reference's random shift and horizontal flip.
 
+    `shift` alone is for data where a mirror image is another class (digits, text).
+
     Shifts pad with the edge pixels (Keras' fill_mode='nearest') and crop back, one random
     offset per image, as one gather for the whole batch.
     """
@@ -272,7 +274,7 @@ def _augment(images: torch.Tensor, config: TrainConfig, generator: torch.Generat
     if config.augment == "none":
         return x
     b, _, h, w = x.shape
-    if config.augment == "shift_flip":
+    if config.augment in ("shift_flip", "shift"):
         pad = int(round(config.shift * max(h, w)))
         if pad:
             padded = F.pad(x, (pad, pad, pad, pad), mode="replicate")
@@ -283,6 +285,8 @@ def _augment(images: torch.Tensor, config: TrainConfig, generator: torch.Generat
             batch = torch.arange(b, device=x.device)[:, None, None, None]
             channel = torch.arange(3, device=x.device)[None, :, None, None]
             x = padded[batch, channel, rows, cols]
+    if config.augment == "shift":
+        return x
     flip = (torch.rand(b, generator=generator) < 0.5).to(x.device)
     return torch.where(flip[:, None, None, None], x.flip(3), x)
 
