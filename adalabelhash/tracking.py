@@ -59,8 +59,10 @@ class RunRef:
         from adalabelhash.fileio import read_json
 
         path = Path(path)
-        if path.is_dir():
+        if path.suffix != ".json":  # a step's output directory
             path = path / RUN_FILE
+        if not path.is_file():
+            raise UserError(f"{path}: no MLflow run reference; run the upstream step first")
         return cls(**read_json(path))
 
     def to_json(self) -> str:

@@ -71,3 +71,39 @@ def tiny_train_data():
     train_x, train_y = synthetic_images(4, 24, seed=0)
     val_x, val_y = synthetic_images(4, 6, seed=1)
     return TrainData(train_x, train_y, val_x, val_y, ["a", "b", "c", "d"], fingerprint="synthetic-v1")
+
+
+@pytest.fixture(scope="session")
+def digits_root(tmp_path_factory) -> Path:
+    """The embedded default dataset, materialised once per test session."""
+    from components.get_data import get_data
+
+    root = tmp_path_factory.mktemp("data") / "digits"
+    get_data("digits", root)
+    return root
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory, digits_root):
+    """prepare -> validate -> train (tiny) -> export-codewords -> convert-onnx, without MLflow.
+
+    Returns a dict of the paths; the tests of later steps build on it.
+    """
+    from components.convert_onnx import ConvertOnnxParams, convert_onnx
+    from components.export_codewords import ExportCodewordsParams, export_codewords
+    from components.prepare import PrepareParams, prepare
+    from components.train import train
+    from components.validate import ValidateParams, validate
+    from adalabelhash.train import TrainConfig
+
+    work = tmp_path_factory.mktemp("pipeline")
+    prepare(PrepareParams(source="digits", root=str(digits_root), query_per_class=10, val_per_class=5), work / "prepare")
+    manifest = work / "prepare" / "manifest.parquet"
+    validate(ValidateParams(), manifest, work / "validate", digits_root)
+    config = TrainConfig(backbone="small_cnn", bits=16, image_size=16, lr=3e-3, schedule="cosine", epochs=3,
+                         batch_size=64, patience=0, augment="shift", val_database_size=300, threads=2)
+    train(config, manifest, digits_root, work / "train")
+    export_codewords(ExportCodewordsParams(), work / "train" / "model.pt", work / "codewords")
+    convert_onnx(ConvertOnnxParams(parity_images=16), work / "train" / "model.pt", manifest, digits_root, work / "onnx")
+    return {"work": work, "root": digits_root, "manifest": manifest, "model": work / "train" / "model.pt",
+            "onnx": work / "onnx" / "model.onnx", "codewords": work / "codewords", "config": config}
