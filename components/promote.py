@@ -131,7 +131,7 @@ def _champion(client, params: PromoteParams) -> dict | None:
             return None
         raise
     return {
-        "version": version.version,
+        "version": str(version.version),
         "value": float(version.tags.get(params.metric, "nan")),
         "dataset": version.tags.get("dataset.fingerprint", ""),
     }
@@ -145,8 +145,10 @@ def _register(client, name: str, ref, tags: dict) -> str:
     except MlflowException as exc:
         if exc.error_code != "RESOURCE_ALREADY_EXISTS":
             raise
-    version = client.create_model_version(name, ref.model_uri, run_id=ref.run_id, tags=tags)
-    return version.version
+    # MLflow 3 logged models live at models:/<model_id>; the server wants the id said explicitly
+    model_id = ref.model_uri.split("/", 1)[1] if ref.model_uri.startswith("models:/m-") else None
+    version = client.create_model_version(name, ref.model_uri, run_id=ref.run_id, tags=tags, model_id=model_id)
+    return str(version.version)
 
 
 def _move_champion(client, params: PromoteParams, version: str, value: float, dataset: str, result: dict) -> bool:
