@@ -9,7 +9,7 @@ export DVC_NO_ANALYTICS := 1
 export GIT_PYTHON_REFRESH := quiet
 
 .DEFAULT_GOAL := help
-.PHONY: help venv data run test test-fast pipeline constraints clean
+.PHONY: help venv data run test test-fast pipeline constraints clean plots-template
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -42,3 +42,10 @@ constraints: $(STAMP) ## re-pin constraints.txt from the current .venv
 
 clean: ## remove pipeline outputs (keeps data/ and .venv)
 	rm -rf build .cache mlflow.db mlruns mlartifacts
+
+plots-template: ## re-inline vega into .dvc/plots-offline.html (needs npm)
+	tmp=$$(mktemp -d) && cd $$tmp && npm pack --silent vega@5 vega-lite@5 vega-embed@6 >/dev/null && \
+	  for f in *.tgz; do mkdir $${f%.tgz} && tar xzf $$f -C $${f%.tgz}; done && cd - >/dev/null && \
+	  $(PYTHON) tools/offline_plots_template.py $$tmp/vega-5*/package/build/vega.min.js \
+	    $$tmp/vega-lite-*/package/build/vega-lite.min.js $$tmp/vega-embed-*/package/build/vega-embed.min.js && \
+	  rm -rf $$tmp
