@@ -49,7 +49,7 @@ def convert_onnx(params: ConvertOnnxParams, model_path: Path, manifest_path: Pat
     loaded = load_model(model_path)
     model, size = loaded.model, loaded.image_size
     manifest = Manifest.load(manifest_path)
-    paths = [Path(data_root) / p for p in manifest.frame.loc[manifest.frame["query"], "path"][: params.parity_images]]
+    paths = manifest.files(data_root, "query")[: params.parity_images]
     if len(paths) < 2:
         raise UserError(f"{manifest_path}: need at least 2 query images for the parity check, found {len(paths)}")
     batch = to_model_input(load_images(paths, size))

@@ -73,7 +73,7 @@ def encode_shards(params: EncodeParams, onnx_path: Path, manifest_path: Path, da
     session = open_session(onnx_path, threads=params.ort_threads or None)
     size = session.get_inputs()[0].shape[2]
     key = shard_key(onnx_path, manifest.fingerprint())
-    paths = manifest.frame["path"].to_numpy()
+    files = manifest.files(data_root)
     done = skipped = 0
     for index in indices:
         target = shard_path(shards_dir, index, plan.num_shards)
@@ -82,7 +82,7 @@ def encode_shards(params: EncodeParams, onnx_path: Path, manifest_path: Path, da
             skipped += 1
             continue
         codes = []
-        batches = iter_decoded_batches([Path(data_root) / p for p in paths[ids]], size, params.batch_size, params.decode_threads)
+        batches = iter_decoded_batches([files[i] for i in ids], size, params.batch_size, params.decode_threads)
         for batch in tqdm(batches, total=-(-len(ids) // params.batch_size), desc=f"shard {index + 1}/{plan.num_shards}", leave=False, disable=None):
             codes.append(_pack(session.run(None, {session.get_inputs()[0].name: batch})[0]))
         _save_shard(target, key, ids, np.concatenate(codes))

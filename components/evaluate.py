@@ -137,7 +137,7 @@ def examples_grid(manifest, data_root: Path, q_ids, q_codes, db_ids, db_codes, p
     k = min(params.example_k, len(db_ids))
     canvas = Image.new("RGB", ((k + 1) * (cell + border) + border, len(picks) * (cell + border) + border), "white")
     draw = ImageDraw.Draw(canvas)
-    paths = manifest.frame["path"].to_numpy()
+    files = manifest.files(data_root)
     for row, (pick, dist) in enumerate(zip(picks, distances)):
         top = np.argsort(dist, kind="stable")[:k]
         query = q_ids[pick]
@@ -147,7 +147,7 @@ def examples_grid(manifest, data_root: Path, q_ids, q_codes, db_ids, db_codes, p
         for col, (item, colour) in enumerate(items):
             x, y = border + col * (cell + border), border + row * (cell + border)
             draw.rectangle([x - border // 2, y - border // 2, x + cell + border // 2 - 1, y + cell + border // 2 - 1], fill=colour)
-            thumb = Image.fromarray(load_image(data_root / paths[item], cell - 2 * border))
+            thumb = Image.fromarray(load_image(files[item], cell - 2 * border))
             canvas.paste(thumb, (x + border, y + border))
     canvas.save(path)
 

@@ -45,9 +45,9 @@ def train(
     frame = manifest.frame
 
     def split(name: str):
-        rows = frame[frame[name]]
-        paths = [Path(data_root) / p for p in rows["path"]]
-        pixels = load_images_cached(paths, list(rows["sha256"]), params.image_size, cache_dir, params.decode_threads)
+        paths = manifest.files(data_root, name)
+        hashes = list(frame.loc[frame[name], "sha256"])
+        pixels = load_images_cached(paths, hashes, params.image_size, cache_dir, params.decode_threads)
         images = torch.from_numpy(pixels).permute(0, 3, 1, 2)
         return images, torch.from_numpy(manifest.label_matrix(name))
 

@@ -1,0 +1,139 @@
+"""`dvc repro` of the real dvc.yaml in a temporary copy of the repository, logging to a real MLflow store."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from mlflow import MlflowClient
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+
+def run(cmd, cwd, env, check=True):
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=1200)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory, digits_root):
+    """A git + DVC checkout of this repository with the digits data in place, after one `dvc repro`."""
+    root = tmp_path_factory.mktemp("repo")
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True,
+                           text=True, check=True).stdout.split()
+    for name in files:
+        if (REPO / name).is_file():
+            (root / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, root / name)
+    shutil.copytree(digits_root, root / "data" / "digits")
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["train"].update(epochs=2, threads=2)
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    tracking_db = root.parent / "mlflow.db"
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "DVC_NO_ANALYTICS": "1",
+        "MLFLOW_TRACKING_URI": f"sqlite:///{tracking_db}",
+        "GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "t@example.com",
+        "GIT_COMMITTER_NAME": "test", "GIT_COMMITTER_EMAIL": "t@example.com",
+    }
+    run(["git", "init", "-q"], root, env)
+    run(["git", "add", "-A"], root, env)
+    run(["git", "commit", "-qm", "copy"], root, env)
+    first = run(["dvc", "repro"], root, env)
+    return {"root": root, "env": env, "uri": env["MLFLOW_TRACKING_URI"], "first": first}
+
+
+def test_repro_builds_every_output(project):
+    root = project["root"]
+    metrics = json.loads((root / "build/evaluate/metrics.json").read_text())
+    assert 0.2 < metrics["mAP"] <= 1 and 0 < metrics["mAP_at_100"] <= 1 and metrics["bits"] == 32
+    assert metrics["queries"] == 200 and metrics["database"] == 1597
+    codes = np.load(root / "build/encode/codes.npz")
+    assert codes["codes"].shape == (1797, 4) and codes["codes"].dtype == np.uint8
+    assert json.loads((root / "build/onnx/parity.json").read_text())["passed"] is True
+    assert json.loads((root / "build/validate/validation.json").read_text())["summary"]["success"] is True
+    for png in ("build/codewords/heatmap.png", "build/evaluate/pr.png", "build/evaluate/examples.png",
+                "build/train/curves.png"):
+        assert (root / png).read_bytes()[:4] == b"\x89PNG", png
+    decision = json.loads((root / "build/promote/decision.json").read_text())
+    assert decision["champion"] and decision["version"] == "1"
+
+
+def test_data_dvc_matches_the_regenerated_digits(project):
+    status = run(["dvc", "status", "data.dvc"], project["root"], project["env"])
+    assert "changed" not in status.stdout, status.stdout
+
+
+def test_mlflow_run_holds_params_curves_artifacts_and_model(project):
+    root, uri = project["root"], project["uri"]
+    ref = json.loads((root / "build/evaluate/mlflow_run.json").read_text())
+    client = MlflowClient(uri, uri)
+    run_ = client.get_run(ref["run_id"])
+    params = run_.data.params
+    assert params["train.bits"] == "32" and params["prepare.source"] == "digits" and params["evaluate.radius"] == "2"
+    assert run_.data.tags["dataset.fingerprint"] == json.loads((root / "build/evaluate/metrics.json").read_text())[
+        "dataset_fingerprint"]
+    assert run_.data.tags["mlflow.source.git.commit"] and run_.data.tags["dataset.data_dvc_md5"]
+    assert len(client.get_metric_history(ref["run_id"], "train_loss")) == 2
+    assert {"mAP", "mAP_at_100", "P_radius_2", "onnx_bit_agreement", "codeword_min_distance"} <= set(run_.data.metrics)
+    listed = {f.path for d in ("validation", "codewords", "evaluation") for f in client.list_artifacts(ref["run_id"], d)}
+    assert {"validation/validation.json", "validation/data_docs.html", "codewords/heatmap.png",
+            "evaluation/pr.png", "evaluation/examples.png"} <= listed
+    champion = client.get_model_version_by_alias("adalabelhash", "champion")
+    assert champion.run_id == ref["run_id"] and champion.tags["bits"] == "32"
+
+
+def test_second_repro_does_nothing(project):
+    out = run(["dvc", "repro"], project["root"], project["env"]).stdout
+    assert "Running stage" not in out and "up to date" in out
+
+
+def test_changed_param_reruns_only_what_depends_on_it(project):
+    root, env = project["root"], project["env"]
+    text = (root / "params.yaml").read_text().replace("radius: 2", "radius: 1")
+    (root / "params.yaml").write_text(text)
+    out = run(["dvc", "repro"], root, env).stdout
+    ran = {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")}
+    assert ran == {"evaluate", "promote"}, out
+    metrics = json.loads((root / "build/evaluate/metrics.json").read_text())
+    assert "P_radius_1" in metrics
+    # MLflow params are immutable: the re-evaluation went to a derived run
+    derived = json.loads((root / "build/evaluate/mlflow_run.json").read_text())["run_id"]
+    original = json.loads((root / "build/onnx/mlflow_run.json").read_text())["run_id"]
+    run_ = MlflowClient(project["uri"]).get_run(derived)
+    assert derived != original and run_.data.tags["adalabelhash.derived_from"] == original
+    assert run_.data.params["evaluate.radius"] == "1" and "train_loss" in run_.data.metrics
+
+
+def test_exp_run_with_64_bits_and_a_promotion_refused(project):
+    root, env = project["root"], project["env"]
+    client = MlflowClient(project["uri"], project["uri"])
+    versions = len(client.search_model_versions("name='adalabelhash'"))
+    run(["dvc", "exp", "run", "-S", "train.bits=64", "-S", "promote.min_map=0.99"], root, env)
+    shown = json.loads(run(["dvc", "exp", "show", "--json"], root, env).stdout)
+    assert '"bits": 64' in json.dumps(shown)
+    metrics = json.loads((root / "build/evaluate/metrics.json").read_text())
+    assert metrics["bits"] == 64 and np.load(root / "build/encode/codes.npz")["codes"].shape[1] == 8
+    decision = json.loads((root / "build/promote/decision.json").read_text())
+    assert not decision["challenger"] and not decision["champion"] and decision["version"] == str(versions + 1)
+    assert str(client.get_model_version_by_alias("adalabelhash", "champion").version) == "1"
+    assert client.get_model_version("adalabelhash", decision["version"]).aliases == []
+
+
+def test_metrics_and_offline_plots(project, tmp_path):
+    root, env = project["root"], project["env"]
+    shown = run(["dvc", "metrics", "show"], root, env).stdout
+    assert "mAP" in shown and "build/evaluate/metrics.json" in shown
+    run(["dvc", "plots", "show", "-o", str(tmp_path / "plots")], root, env)
+    page = (tmp_path / "plots" / "index.html").read_text()
+    assert "vegaEmbed" in page and "<script src=" not in page and "cdn.jsdelivr" not in page
