@@ -34,3 +34,16 @@ def hinge_from_scores(scores: torch.Tensor, labels: torch.Tensor, margin: float,
         hardest_negative = torch.nan_to_num(hardest_negative, neginf=-1e9)
     hinge = torch.relu(margin - scores + hardest_negative[:, None])
     return (hinge * positive).sum() / positive.sum().clamp(min=1)
+
+
+def csq_loss(codes: torch.Tensor, centres: torch.Tensor, labels: torch.Tensor, quantization: float = 1e-4) -> torch.Tensor:
+    """CSQ (Yuan et al., CVPR 2020), the fixed-centre peer: BCE of (u + 1) / 2 against each image's
+    hash centre in {0, 1}, plus `quantization` x mean((|u| - 1)^2).
+
+    An image's centre is its class centre; for multi-label images, the sign of the sum of its
+    classes' centres (a tied bit counts as +1, where CSQ draws a random one).
+    """
+    target = torch.where(labels.float() @ centres >= 0, 1.0, 0.0)
+    probability = ((codes + 1) / 2).clamp(1e-6, 1 - 1e-6)
+    centre_term = torch.nn.functional.binary_cross_entropy(probability, target)
+    return centre_term + quantization * (codes.abs() - 1).pow(2).mean()

@@ -27,7 +27,7 @@ from torch import nn
 from adalabelhash.codes import pack_codes
 from adalabelhash.errors import UserError
 from adalabelhash.fileio import atomic_output
-from adalabelhash.loss import adalabelhash_loss
+from adalabelhash.loss import adalabelhash_loss, csq_loss
 from adalabelhash.model import HashModel, margin_for
 from adalabelhash.train_config import TrainConfig
 
@@ -176,7 +176,10 @@ def fit(
             labels = data.train_labels[index].to(device, torch.float32)
             with amp:
                 codes, codewords = forward(images)
-            loss = adalabelhash_loss(codes.float(), codewords.float(), labels, margin, config.floor_negatives)
+            if config.loss == "csq":
+                loss = csq_loss(codes.float(), codewords.float(), labels, config.csq_quantization)
+            else:
+                loss = adalabelhash_loss(codes.float(), codewords.float(), labels, margin, config.floor_negatives)
             if not torch.isfinite(loss):
                 raise UserError(f"training diverged: loss is {loss.item()} at epoch {epoch + 1}; lower lr / head_lr")
             optimizer.zero_grad(set_to_none=True)

@@ -18,6 +18,8 @@ class TrainConfig:
     image_size: int = 224  # images are resized (shorter side) and centre-cropped to this
     codeword_init: Literal["uniform", "hadamard", "random"] = "uniform"
     freeze_codewords: bool = False  # fixed +-1 class centres (CSQ-style ablation)
+    loss: Literal["adalabelhash", "csq"] = "adalabelhash"  # csq: the peer's BCE to fixed centres (needs freeze_codewords)
+    csq_quantization: float = 1e-4  # csq only: weight of its quantization term
     margin: float = 1.0  # hinge margin in inner-product units (scores live in [-K, K])
     margin_relative: bool = False  # true: the margin is a fraction of K
     floor_negatives: bool = True  # reference: the hardest negative score is floored at 0
@@ -51,6 +53,8 @@ class TrainConfig:
             raise ValueError(f"shift must be in [0, 0.5), got {self.shift}")
         if self.patience < 0 or self.lr_decay < 0 or self.weight_decay < 0:
             raise ValueError("patience, lr_decay and weight_decay must be >= 0")
+        if self.loss == "csq" and not self.freeze_codewords:
+            raise ValueError("loss csq trains towards fixed centres: set freeze_codewords: true (codeword_init hadamard or random)")
         if self.processes < 1:
             raise ValueError(f"processes must be >= 1, got {self.processes}")
 

@@ -56,11 +56,7 @@ def convert_onnx(params: ConvertOnnxParams, model_path: Path, manifest_path: Pat
 
     with atomic_directory(out_dir) as tmp:
         onnx_path = tmp / "model.onnx"
-        example = torch.from_numpy(batch[:2])
-        torch.onnx.export(
-            model, (example,), onnx_path, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-            dynamic_shapes={"images": {0: torch.export.Dim("batch")}}, external_data=False, dynamo=True,
-        )
+        export_onnx(model, batch[:2], onnx_path)
         graph = onnx.load(onnx_path)
         onnx.checker.check_model(graph, full_check=True)
         batch_dim = graph.graph.input[0].type.tensor_type.shape.dim[0]
@@ -94,6 +90,16 @@ def convert_onnx(params: ConvertOnnxParams, model_path: Path, manifest_path: Pat
             )
         write_json(tmp / "parity.json", report)
     return report
+
+
+def export_onnx(model, example, path: Path) -> None:
+    """One self-contained file (weights inside), batch dimension symbolic."""
+    import torch
+
+    torch.onnx.export(
+        model, (torch.as_tensor(example),), path, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+        dynamic_shapes={"images": {0: torch.export.Dim("batch")}}, external_data=False, dynamo=True,
+    )
 
 
 def parity_report(reference, candidate, confident_margin: float) -> dict:

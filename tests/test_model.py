@@ -128,3 +128,17 @@ def test_model_file_round_trip(tmp_path):
         load_model(tmp_path / "bad.pt")
     with pytest.raises(UserError, match="missing.pt: model file not found"):
         load_model(tmp_path / "missing.pt")
+
+
+def test_csq_loss_matches_hand_computed_case():
+    from adalabelhash.loss import csq_loss
+
+    centres = torch.tensor([[1.0, -1.0], [-1.0, 1.0]])
+    codes = torch.tensor([[0.6, -0.2]])
+    # class 0 -> target bits (1, 0); p = (0.8, 0.4): BCE = -(log 0.8 + log 0.6) / 2
+    # quantization: ((0.6 - 1)^2 + (0.2 - 1)^2) / 2 = (0.16 + 0.64) / 2 = 0.4
+    expected = -(np.log(0.8) + np.log(0.6)) / 2 + 0.5 * 0.4
+    assert csq_loss(codes, centres, torch.tensor([[1, 0]]), quantization=0.5).item() == pytest.approx(expected, rel=1e-5)
+    # multi-label: the sum of both centres is 0 in each bit, a tie -> +1 -> target (1, 1)
+    both = -(np.log(0.8) + np.log(0.4)) / 2
+    assert csq_loss(codes, centres, torch.tensor([[1, 1]]), quantization=0.0).item() == pytest.approx(both, rel=1e-5)

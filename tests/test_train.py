@@ -120,3 +120,11 @@ def test_bad_training_input_is_one_clear_error(tiny_train_data):
         fit(replace(FAST, epochs=1, optimizer="sgd", lr=1e30, head_lr=1e30), d)
     with pytest.raises(ValueError, match="epochs must be > 0"):
         replace(FAST, epochs=0)
+
+
+def test_csq_peer_trains_towards_fixed_centres(tiny_train_data):
+    config = replace(FAST, epochs=4, loss="csq", codeword_init="hadamard", freeze_codewords=True)
+    result = fit(config, tiny_train_data)
+    assert result.best_value > 0.8
+    with pytest.raises(ValueError, match="set freeze_codewords: true"):
+        replace(FAST, loss="csq")

@@ -1,0 +1,157 @@
+"""Retrieval quality on CIFAR-10: AdaLabelHash vs frozen codewords vs CSQ, through the pipeline's own steps.
+
+One call = one (protocol, method, bits) run: prepare -> validate -> train -> export-codewords ->
+convert-onnx -> encode -> evaluate, each the step function `dvc repro` runs, logged to MLflow
+(experiment `adalabelhash-cifar10-quality`). The result row is appended to results.jsonl;
+`--table` rewrites results.md from it.
+
+    python benchmarks/quality/run.py --protocol I --method adalabelhash --bits 48 --epochs 30
+    python benchmarks/quality/run.py --protocol II --method csq --bits 48 --preset gpu    # CUDA machine
+    python benchmarks/quality/run.py --table
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parents[1]
+sys.path.insert(0, str(REPO))
+os.chdir(REPO)  # params paths (.cache/cifar10) are relative to the repository
+
+import yaml  # noqa: E402
+
+RUNS = HERE / "runs"
+RESULTS = HERE / "results.jsonl"
+TARBALL = REPO.parent / "shared" / "datasets" / "cifar10-jpeg.tar.gz"
+
+
+def merged(*layers: dict) -> dict:
+    out: dict = {}
+    for layer in layers:
+        for section, values in layer.items():
+            out[section] = {**out.get(section, {}), **values} if isinstance(values, dict) else values
+    return out
+
+
+def build_params(args) -> dict:
+    from adalabelhash.params import load_params
+    from pipelines.cli import apply_overrides
+
+    presets = yaml.safe_load((HERE / "presets.yaml").read_text())
+    base = load_params(REPO / "params.yaml")
+    base.pop("kfp", None)
+    params = merged(base, presets["protocols"][args.protocol], presets["methods"][args.method],
+                    presets["presets"][args.preset], {k: presets[k] for k in ("evaluate", "export_codewords")},
+                    {"train": {"bits": args.bits, "epochs": args.epochs},
+                     "mlflow": {"experiment": "adalabelhash-cifar10-quality",
+                                "tracking_uri": os.environ.get("MLFLOW_TRACKING_URI", f"sqlite:///{RUNS / 'mlflow.db'}")}})
+    return apply_overrides(params, args.set or [])
+
+
+def prepared(params: dict, protocol: str) -> tuple[Path, Path]:
+    """The protocol's manifest and passed validation, built once and reused by every run."""
+    from adalabelhash.params import parse_section
+    from components.get_data import get_data
+    from components.prepare import PrepareParams, prepare
+    from components.validate import ValidateParams, validate
+
+    root = Path(params["prepare"]["root"])
+    if not root.is_dir():
+        get_data("cifar10", root, tarball=TARBALL if TARBALL.is_file() else None)
+    work = RUNS / f"prepare-{protocol}"
+    if not (work / "validate" / "validation.json").is_file():
+        prepare(parse_section(PrepareParams, params["prepare"], "prepare"), work / "prepare")
+        validate(parse_section(ValidateParams, params["validate"], "validate"), work / "prepare" / "manifest.parquet",
+                 work / "validate", root)
+    return work / "prepare" / "manifest.parquet", work / "validate"
+
+
+def run(args) -> dict:
+    from adalabelhash.params import parse_section
+    from components.convert_onnx import ConvertOnnxParams, convert_onnx_tracked
+    from components.encode import EncodeParams, encode
+    from components.evaluate import EvaluateParams, evaluate_tracked
+    from components.export_codewords import ExportCodewordsParams, export_codewords_tracked
+    from components.train import train_tracked
+
+    params = build_params(args)
+    manifest, validation = prepared(params, args.protocol)
+    root = Path(params["prepare"]["root"])
+    name = f"{args.protocol}-{args.method}-{args.bits}-{args.preset}" + (f"-{args.tag}" if args.tag else "")
+    work = RUNS / name
+    started = time.perf_counter()
+    summary, ref = train_tracked(params, manifest, root, validation, work / "train", work / "checkpoints",
+                                 cache_dir=REPO / ".cache" / "decoded", source="benchmarks/quality")
+    codewords, ref = export_codewords_tracked(parse_section(ExportCodewordsParams, params["export_codewords"],
+                                                            "export_codewords"), work / "train" / "model.pt",
+                                              work / "codewords", ref)
+    _, ref = convert_onnx_tracked(parse_section(ConvertOnnxParams, params["convert_onnx"], "convert_onnx"),
+                                  work / "train", manifest, root, work / "codewords", work / "onnx", ref)
+    encoded_at = time.perf_counter()
+    encode(parse_section(EncodeParams, params["encode"], "encode"),
+           work / "onnx" / "model.onnx", manifest, root, work / "shards", work / "encode")
+    encode_seconds = time.perf_counter() - encoded_at
+    metrics, ref = evaluate_tracked(parse_section(EvaluateParams, params["evaluate"], "evaluate"), work / "encode",
+                                    manifest, root, work / "evaluate", work / "codewords" / "codewords.npy", ref)
+    row = {
+        "run": name, "protocol": args.protocol, "method": args.method, "bits": args.bits, "preset": args.preset,
+        "date": datetime.date.today().isoformat(), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+        "backbone": params["train"]["backbone"], "image_size": params["train"]["image_size"],
+        "epochs": summary["epochs_run"], "best_epoch": summary["best_epoch"], "val_mAP": summary["best_value"],
+        "train_minutes": round(summary["seconds"] / 60, 1), "encode_minutes": round(encode_seconds / 60, 1),
+        "total_minutes": round((time.perf_counter() - started) / 60, 1),
+        "overrides": args.set or [], "mlflow_run_id": ref.run_id,
+        **{k: metrics[k] for k in ("mAP", "mAP_stable", "mAP_at_1000", "mAP_at_1000_stable", "P_at_1000",
+                                   "P_radius_2", "query_codeword_accuracy", "queries", "database")},
+        "codeword_groups": codewords.get("groups", {}),
+        "nearest_pairs": codewords["nearest_pairs"][:5],
+    }
+    with RESULTS.open("a") as f:
+        f.write(json.dumps(row) + "\n")
+    print(json.dumps(row, indent=2))
+    return row
+
+
+def table() -> str:
+    rows = [json.loads(line) for line in RESULTS.read_text().splitlines() if line.strip()]
+    lines = ["| protocol | method | bits | preset | epochs | train min | mAP (tie-aware) | mAP (stable) | mAP@1000 | P@1000 | P r<=2 | codeword acc. | run |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: (r["protocol"], r["bits"], r["method"], r["run"])):
+        lines.append(f"| {r['protocol']} | {r['method']} | {r['bits']} | {r['preset']} | {r['epochs']} | {r['train_minutes']} | "
+                     f"{r['mAP']:.4f} | {r['mAP_stable']:.4f} | {r['mAP_at_1000']:.4f} | {r['P_at_1000']:.4f} | "
+                     f"{r['P_radius_2']:.4f} | {r['query_codeword_accuracy']:.3f} | {r['run']} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--protocol", choices=["I", "II"])
+    parser.add_argument("--method", choices=["adalabelhash", "frozen", "csq"])
+    parser.add_argument("--bits", type=int, choices=[16, 32, 48, 64])
+    parser.add_argument("--preset", default="cpu", choices=["cpu", "gpu"])
+    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--tag", help="suffix for the run name (e.g. a tuning variant)")
+    parser.add_argument("-S", "--set", action="append", help="params override SECTION.KEY=VALUE (repeatable)")
+    parser.add_argument("--table", action="store_true", help="print the results table (markdown)")
+    args = parser.parse_args()
+    if args.table:
+        print(table())
+        return
+    if not (args.protocol and args.method and args.bits):
+        parser.error("--protocol, --method and --bits are required (or --table)")
+    if not TARBALL.is_file() and not (REPO / ".cache" / "cifar10").is_dir():
+        sys.exit(f"skipped: {TARBALL} is absent (see ../shared/datasets/README.md)")
+    run(args)
+
+
+if __name__ == "__main__":
+    main()
