@@ -27,6 +27,10 @@ STEP_SECTIONS = tuple(config.SECTIONS)
 DATA_MOUNT = "/mnt/data"  # where kfp.data_pvc is mounted in the prepare pod
 CHECKPOINT_MOUNT = "/mnt/checkpoints"  # where kfp.checkpoints_pvc is mounted in the train pod
 TOLERATION_KEYS = {"key", "operator", "value", "effect", "toleration_seconds"}
+# What an MLflow client may need in a pod: a server token, and the artifact store's keys when
+# artifacts are not proxied through the server.
+MLFLOW_SECRET_KEYS = ("MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD",
+                      "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "MLFLOW_S3_ENDPOINT_URL")
 
 
 @dataclass(frozen=True)
@@ -43,6 +47,8 @@ class KfpSettings:
     retry_backoff: str = "60s"
     data_pvc: Optional[str] = None
     checkpoints_pvc: Optional[str] = None
+    mlflow_secret: Optional[str] = None
+    mlflow_secret_keys: list[str] = field(default_factory=lambda: list(MLFLOW_SECRET_KEYS))
 
     def __post_init__(self):
         if min(self.train_gpus, self.encode_gpus, self.retries) < 0 or self.encode_parallelism < 1:
@@ -69,6 +75,8 @@ def build_pipeline(params: dict):
     values = defaults(params)
 
     def configure(task, gpus: int = 0, retry: bool = True):
+        if settings.mlflow_secret:  # every step may log to MLflow
+            kubernetes.use_secret_as_env(task, settings.mlflow_secret, {k: k for k in settings.mlflow_secret_keys})
         if retry and settings.retries:
             task.set_retry(settings.retries, backoff_duration=settings.retry_backoff, backoff_factor=2.0,
                            backoff_max_duration="3600s")

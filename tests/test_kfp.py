@@ -101,7 +101,8 @@ def test_dict_parameters_survive_protobuf_numbers():
 def test_deployment_settings_reach_the_compiled_spec(tmp_path):
     params = load_params(PARAMS)
     params["kfp"] = {**params["kfp"], "train_gpus": 2, "gpu_node_selector": {"gpu": "a100"},
-                     "encode_parallelism": 3, "retries": 1, "data_pvc": "raw-data", "checkpoints_pvc": "ckpt"}
+                     "encode_parallelism": 3, "retries": 1, "data_pvc": "raw-data", "checkpoints_pvc": "ckpt",
+                     "mlflow_secret": "mlflow-creds", "mlflow_secret_keys": ["MLFLOW_TRACKING_TOKEN"]}
     spec, platform = load_docs(compile_pipeline(tmp_path / "p.yaml", build_pipeline(params)))
     executors = spec["deploymentSpec"]["executors"]
     train = executors["exec-train-model"]["container"]
@@ -115,6 +116,10 @@ def test_deployment_settings_reach_the_compiled_spec(tmp_path):
                                                       "effect": "NoSchedule"}]
     assert k8s["exec-train-model"]["pvcMount"][0]["mountPath"] == "/mnt/checkpoints"
     assert k8s["exec-prepare-dataset"]["pvcMount"][0]["mountPath"] == "/mnt/data"
+    for executor in ("exec-train-model", "exec-evaluate-retrieval", "exec-promote-model"):
+        assert k8s[executor]["secretAsEnv"][0]["secretName"] == "mlflow-creds"
+        assert k8s[executor]["secretAsEnv"][0]["keyToEnv"] == [{"secretKey": "MLFLOW_TRACKING_TOKEN",
+                                                                "envVar": "MLFLOW_TRACKING_TOKEN"}]
     branch = spec["components"]["comp-condition-3"]["dag"]["tasks"]
     assert branch["for-loop-2"]["iteratorPolicy"] == {"parallelismLimit": 3}
     assert branch["train-model"]["retryPolicy"]["maxRetryCount"] == 1
