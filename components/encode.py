@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import time
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,6 +76,7 @@ def encode_shards(params: EncodeParams, onnx_path: Path, manifest_path: Path, da
     key = shard_key(onnx_path, manifest.fingerprint())
     files = manifest.files(data_root)
     done = skipped = 0
+    waited = inferred = 0.0  # seconds waiting for decoded batches vs running the model
     for index in indices:
         target = shard_path(shards_dir, index, plan.num_shards)
         ids = plan.shard_ids(index)
@@ -83,11 +85,23 @@ def encode_shards(params: EncodeParams, onnx_path: Path, manifest_path: Path, da
             continue
         codes = []
         batches = iter_decoded_batches([files[i] for i in ids], size, params.batch_size, params.decode_threads)
-        for batch in tqdm(batches, total=-(-len(ids) // params.batch_size), desc=f"shard {index + 1}/{plan.num_shards}", leave=False, disable=None):
+        progress = tqdm(total=len(ids), desc=f"shard {index + 1}/{plan.num_shards}", unit="img", leave=False, disable=None)
+        while True:
+            start = time.perf_counter()
+            batch = next(batches, None)
+            waited += time.perf_counter() - start
+            if batch is None:
+                break
+            start = time.perf_counter()
             codes.append(_pack(session.run(None, {session.get_inputs()[0].name: batch})[0]))
+            inferred += time.perf_counter() - start
+            progress.update(len(batch))
+        progress.close()
         _save_shard(target, key, ids, np.concatenate(codes))
         done += 1
-    return {"shards": plan.num_shards, "encoded": done, "skipped": skipped, "images": int(len(plan.ids))}
+    return {"shards": plan.num_shards, "encoded": done, "skipped": skipped, "images": int(len(plan.ids)),
+            # decode keeps up when the model rarely waits for it
+            "decode_wait_seconds": round(waited, 2), "inference_seconds": round(inferred, 2)}
 
 
 def merge_shards(params: EncodeParams, onnx_path: Path, manifest_path: Path, shards_dirs: Sequence[Path], out_dir: Path) -> dict:
@@ -131,7 +145,8 @@ def encode(params: EncodeParams, onnx_path: Path, manifest_path: Path, data_root
     """All shards (resuming finished ones), then the merge: what DVC runs."""
     progress = encode_shards(params, onnx_path, manifest_path, data_root, shards_dir)
     summary = merge_shards(params, onnx_path, manifest_path, [shards_dir], out_dir)
-    return {**summary, "encoded_shards": progress["encoded"], "resumed_shards": progress["skipped"]}
+    return {**summary, "encoded_shards": progress["encoded"], "resumed_shards": progress["skipped"],
+            "decode_wait_seconds": progress["decode_wait_seconds"], "inference_seconds": progress["inference_seconds"]}
 
 
 def load_encoded(encoded_dir: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -230,3 +245,5 @@ def run(args: argparse.Namespace) -> None:
         summary = encode(params, args.onnx, args.manifest, args.data_root, args.shards_dir, args.out)
     print(f"{summary['queries']} queries + {summary['database']} database images, {summary['bits']} bits, "
           f"{summary['shards']} shard(s) -> {args.out}")
+    if "inference_seconds" in summary:
+        print(f"  model {summary['inference_seconds']:.1f} s, waiting for decoded images {summary['decode_wait_seconds']:.1f} s")

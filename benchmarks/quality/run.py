@@ -97,7 +97,7 @@ def run(args) -> dict:
     _, ref = convert_onnx_tracked(parse_section(ConvertOnnxParams, params["convert_onnx"], "convert_onnx"),
                                   work / "train", manifest, root, work / "codewords", work / "onnx", ref)
     encoded_at = time.perf_counter()
-    encode(parse_section(EncodeParams, params["encode"], "encode"),
+    encoded = encode(parse_section(EncodeParams, params["encode"], "encode"),
            work / "onnx" / "model.onnx", manifest, root, work / "shards", work / "encode")
     encode_seconds = time.perf_counter() - encoded_at
     metrics, ref = evaluate_tracked(parse_section(EvaluateParams, params["evaluate"], "evaluate"), work / "encode",
@@ -109,6 +109,7 @@ def run(args) -> dict:
         "epochs": summary["epochs_run"], "best_epoch": summary["best_epoch"], "val_mAP": summary["best_value"],
         "train_minutes": round(summary["seconds"] / 60, 1), "encode_minutes": round(encode_seconds / 60, 1),
         "total_minutes": round((time.perf_counter() - started) / 60, 1),
+        "encode_inference_s": encoded["inference_seconds"], "encode_decode_wait_s": encoded["decode_wait_seconds"],
         "overrides": args.set or [], "mlflow_run_id": ref.run_id,
         **{k: metrics[k] for k in ("mAP", "mAP_stable", "mAP_at_1000", "mAP_at_1000_stable", "P_at_1000",
                                    "P_radius_2", "query_codeword_accuracy", "queries", "database")},
