@@ -62,10 +62,6 @@ def parse_section(cls: type[T], values: Any, name: str) -> T:
         raise UserError(f"params {name}: {exc}") from None
 
 
-def as_dict(section: Any) -> dict[str, Any]:
-    return dataclasses.asdict(section)
-
-
 def _coerce(value: Any, hint: Any, where: str) -> Any:
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)

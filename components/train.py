@@ -41,7 +41,7 @@ def train(
 
     from adalabelhash.data.manifest import Manifest
     from adalabelhash.fileio import atomic_directory, write_json
-    from adalabelhash.model import save_model
+    from adalabelhash.model import describe_codeword_init, save_model
     from adalabelhash.preprocess import load_images_cached
     from adalabelhash.train import TrainData, distributed, fit
 
@@ -63,6 +63,7 @@ def train(
     summary = {
         "bits": params.bits,
         "backbone": params.backbone,
+        "codeword_init": describe_codeword_init(params.codeword_init, len(manifest.classes), params.bits),
         "best_epoch": result.best_epoch,
         "epochs_run": len(result.history),
         "monitor": result.monitor,
