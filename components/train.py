@@ -71,6 +71,8 @@ def train(
         "stopped_early": result.stopped_early,
         "resumed_from_epoch": result.resumed_from_epoch,
         "seconds": round(result.seconds, 2),
+        # every epoch's time, including epochs trained before a resume
+        "epoch_seconds_total": round(sum(epoch["epoch_seconds"] for epoch in result.history), 2),
         "train_images": len(train_images),
         "val_images": len(val_images),
         "dataset_fingerprint": manifest.fingerprint(),

@@ -1,0 +1,112 @@
+"""Training throughput on this CPU: which backbone / image size / memory format / thread count
+fits the quality benchmark's time budget, and what caching decoded images saves.
+
+    python benchmarks/train_speed/run.py [--repeats 3] [--images 256]
+
+Training: the project's own `fit` (the loop `dvc repro` runs: augmentation, forward, loss,
+backward, AdamW step) for one epoch over synthetic uint8 images, no validation; the number is
+its `train_images_per_s`. Every configuration is measured once per round, rounds interleaved,
+one warm-up round discarded, medians reported. Decoding: CIFAR-10 JPEGs decoded and resized by
+`load_images` vs the same images read back from the uint8 cache (`load_images_cached`); skipped
+when the shared dataset is absent. Prints a table and appends the result as JSON to runs/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+CIFAR = REPO / ".cache" / "cifar10"
+
+# (backbone, pretrained, image size, channels_last, threads)
+CONFIGS = [
+    ("efficientnet_lite0", True, 64, True, 2),
+    ("efficientnet_lite0", True, 64, False, 2),
+    ("efficientnet_lite0", True, 64, True, 1),
+    ("efficientnet_lite0", True, 96, True, 2),
+    ("efficientnet_lite0", True, 96, False, 2),
+    ("resnet18", False, 32, True, 2),
+    ("resnet18", False, 64, True, 2),
+]
+
+
+def training_throughput(config: tuple, images: int) -> float:
+    import torch
+
+    from adalabelhash.train import TrainData, fit
+    from adalabelhash.train_config import TrainConfig
+
+    backbone, pretrained, size, channels_last, threads = config
+    generator = torch.Generator().manual_seed(0)
+    pixels = torch.randint(0, 256, (images, 3, size, size), dtype=torch.uint8, generator=generator)
+    labels = torch.nn.functional.one_hot(torch.arange(images) % 10, 10).float()
+    data = TrainData(pixels, labels, pixels[:0], labels[:0], [f"c{i}" for i in range(10)], "synthetic")
+    train = TrainConfig(backbone=backbone, pretrained=pretrained, image_size=size, channels_last=channels_last,
+                        threads=threads, bits=48, epochs=1, batch_size=64, optimizer="adamw", lr=3e-4,
+                        head_lr=3e-3, schedule="cosine", patience=0, device="cpu")
+    return fit(train, data, progress=False).history[0]["train_images_per_s"]
+
+
+def decode_throughput(count: int) -> dict | None:
+    from adalabelhash.preprocess import load_images, load_images_cached
+
+    if not CIFAR.is_dir():
+        return None
+    paths = sorted(CIFAR.rglob("*.jpg"))[:count]
+    hashes = [f"{path.relative_to(CIFAR)}" for path in paths]  # any stable per-image key
+    out = {}
+    for size in (64, 96):
+        start = time.perf_counter()
+        load_images(paths, size, threads=2, progress=False)
+        out[f"decode_{size}px_images_per_s"] = len(paths) / (time.perf_counter() - start)
+        with tempfile.TemporaryDirectory() as cache:
+            load_images_cached(paths, hashes, size, Path(cache), threads=2)  # fills the cache
+            start = time.perf_counter()
+            load_images_cached(paths, hashes, size, Path(cache), threads=2)
+            out[f"cached_{size}px_images_per_s"] = len(paths) / (time.perf_counter() - start)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--images", type=int, default=256, help="training images per measurement (batch 64)")
+    parser.add_argument("--decode-images", type=int, default=2000)
+    args = parser.parse_args()
+
+    samples: dict[tuple, list[float]] = {config: [] for config in CONFIGS}
+    for round_ in range(args.repeats + 1):
+        for config in CONFIGS:
+            rate = training_throughput(config, args.images)
+            if round_:  # round 0 warms caches and allocators
+                samples[config].append(rate)
+    load = os.getloadavg()[0]
+    print(f"| backbone | pretrained | px | channels_last | threads | train img/s (median of {args.repeats}) | runs |")
+    print("|---|---|---|---|---|---|---|")
+    rows = []
+    for config, rates in samples.items():
+        median = statistics.median(rates)
+        rows.append({"config": config, "median": median, "runs": rates})
+        print(f"| {' | '.join(map(str, config))} | {median:.1f} | {', '.join(f'{r:.1f}' for r in rates)} |")
+    decoding = decode_throughput(args.decode_images)
+    if decoding:
+        for key, value in decoding.items():
+            print(f"{key}: {value:.0f}")
+    print(f"1-min load average after the run: {load:.1f}")
+    runs = Path(__file__).parent / "runs"
+    runs.mkdir(exist_ok=True)
+    with (runs / "results.jsonl").open("a") as f:
+        f.write(json.dumps({"date": time.strftime("%Y-%m-%d %H:%M"), "rows": rows, "decoding": decoding,
+                            "load_average": load}) + "\n")
+
+
+if __name__ == "__main__":
+    main()
