@@ -3,7 +3,7 @@
 One call = one (protocol, method, bits) run: prepare -> validate -> train -> export-codewords ->
 convert-onnx -> encode -> evaluate, each the step function `dvc repro` runs, logged to MLflow
 (experiment `adalabelhash-cifar10-quality`). The result row is appended to results.jsonl;
-`--table` rewrites results.md from it.
+`--table` prints the results and the codeword-group tables (markdown) from it.
 
     python benchmarks/quality/run.py --protocol I --method adalabelhash --bits 48 --epochs 30
     python benchmarks/quality/run.py --protocol II --method csq --bits 48 --preset gpu    # CUDA machine
@@ -124,13 +124,22 @@ def run(args) -> dict:
 
 
 def table() -> str:
+    """Markdown table of results.jsonl: per protocol and code length, the compared rows first, tuning after."""
     rows = [json.loads(line) for line in RESULTS.read_text().splitlines() if line.strip()]
-    lines = ["| protocol | method | bits | preset | epochs | train min | mAP (tie-aware) | mAP (stable) | mAP@1000 | P@1000 | P r<=2 | codeword acc. | run |",
+    kind = {"head": 0, "cheap": 1}
+    lines = ["| protocol | bits | method | px | epochs | train min | mAP (tie-aware) | mAP (stable) | mAP@1000 | P@1000 | P r<=2 | codeword acc. | run |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in sorted(rows, key=lambda r: (r["protocol"], r["bits"], r["method"], r["run"])):
-        lines.append(f"| {r['protocol']} | {r['method']} | {r['bits']} | {r['preset']} | {r['epochs']} | {r['train_minutes']} | "
+    for r in sorted(rows, key=lambda r: (r["protocol"], r["bits"], kind.get(r["run"].rsplit("-", 1)[-1], 2), r["run"])):
+        lines.append(f"| {r['protocol']} | {r['bits']} | {r['method']} | {r['image_size']} | {r['epochs']} | {r['train_minutes']} | "
                      f"{r['mAP']:.4f} | {r['mAP_stable']:.4f} | {r['mAP_at_1000']:.4f} | {r['P_at_1000']:.4f} | "
                      f"{r['P_radius_2']:.4f} | {r['query_codeword_accuracy']:.3f} | {r['run']} |")
+    lines += ["", "| run | mean codeword distance within vehicles | within animals | across | nearest pairs |",
+              "|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: (r["protocol"], r["bits"], r["run"])):
+        groups = r["codeword_groups"]
+        pairs = ", ".join(f"{p['a']}-{p['b']} {p['distance']}" for p in r["nearest_pairs"][:3])
+        lines.append(f"| {r['run']} | {groups['within_vehicles']:.1f} | {groups['within_animals']:.1f} | "
+                     f"{groups['across_groups']:.1f} | {pairs} |")
     return "\n".join(lines)
 
 
