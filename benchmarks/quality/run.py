@@ -115,12 +115,36 @@ def run(args) -> dict:
         **{k: metrics[k] for k in ("mAP", "mAP_stable", "mAP_at_1000", "mAP_at_1000_stable", "P_at_1000",
                                    "P_radius_2", "query_codeword_accuracy", "queries", "database")},
         "codeword_groups": codewords.get("groups", {}),
+        "group_separation": group_separation(work / "codewords" / "distances.csv", params["export_codewords"]["groups"]),
         "nearest_pairs": codewords["nearest_pairs"][:5],
     }
     with RESULTS.open("a") as f:
         f.write(json.dumps(row) + "\n")
     print(json.dumps(row, indent=2))
     return row
+
+
+def group_separation(distances_csv: Path, groups: dict[str, list[str]]) -> dict:
+    """How far apart the two class groups' codewords are, and how often a random split of the classes
+    into groups of the same sizes is at least as far apart (exact over every split: a p-value)."""
+    import itertools
+
+    import numpy as np
+
+    classes = distances_csv.read_text().splitlines()[0].split(",")[1:]
+    distances = np.loadtxt(distances_csv, delimiter=",", skiprows=1, usecols=range(1, len(classes) + 1))
+    first, second = groups.values()
+
+    def gap(members: set[int]) -> float:  # mean distance across the groups - mean within them
+        pairs = list(itertools.combinations(range(len(classes)), 2))
+        across = [distances[a, b] for a, b in pairs if (a in members) != (b in members)]
+        within = [distances[a, b] for a, b in pairs if (a in members) == (b in members)]
+        return float(np.mean(across) - np.mean(within))
+
+    observed = gap({classes.index(name) for name in first})
+    splits = [gap(set(split)) for split in itertools.combinations(range(len(classes)), len(first))]
+    return {"gap": round(observed, 2), "p_value": round(sum(g >= observed - 1e-9 for g in splits) / len(splits), 3),
+            "splits": len(splits), "sizes": [len(first), len(second)]}
 
 
 def table() -> str:
@@ -133,13 +157,15 @@ def table() -> str:
         lines.append(f"| {r['protocol']} | {r['bits']} | {r['method']} | {r['image_size']} | {r['epochs']} | {r['train_minutes']} | "
                      f"{r['mAP']:.4f} | {r['mAP_stable']:.4f} | {r['mAP_at_1000']:.4f} | {r['P_at_1000']:.4f} | "
                      f"{r['P_radius_2']:.4f} | {r['query_codeword_accuracy']:.3f} | {r['run']} |")
-    lines += ["", "| run | mean codeword distance within vehicles | within animals | across | nearest pairs |",
-              "|---|---|---|---|---|"]
+    lines += ["", "| run | mean codeword distance within vehicles | within animals | across | gap (p) | nearest pairs |",
+              "|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: (r["protocol"], r["bits"], r["run"])):
         groups = r["codeword_groups"]
         pairs = ", ".join(f"{p['a']}-{p['b']} {p['distance']}" for p in r["nearest_pairs"][:3])
+        separation = r.get("group_separation")
+        gap = f"{separation['gap']:.2f} ({separation['p_value']:.3f})" if separation else "-"
         lines.append(f"| {r['run']} | {groups['within_vehicles']:.1f} | {groups['within_animals']:.1f} | "
-                     f"{groups['across_groups']:.1f} | {pairs} |")
+                     f"{groups['across_groups']:.1f} | {gap} | {pairs} |")
     return "\n".join(lines)
 
 
