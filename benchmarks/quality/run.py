@@ -147,6 +147,31 @@ def group_separation(distances_csv: Path, groups: dict[str, list[str]]) -> dict:
             "splits": len(splits), "sizes": [len(first), len(second)]}
 
 
+FIGURES = {  # run -> what its heatmap shows
+    "II-adalabelhash-48-cpu-head": "protocol II, learned codewords (AdaLabelHash)",
+    "II-frozen-48-cpu-head": "protocol II, frozen codewords (fixed centres)",
+    "I-adalabelhash-48-cpu-head": "protocol I, learned codewords (96 px, 30 epochs)",
+}
+
+
+def figures() -> None:
+    """README figures from the runs' own outputs: codeword heatmaps with titles, the examples grid as JPEG."""
+    import numpy as np
+    from PIL import Image
+
+    from components.export_codewords import plot_heatmap
+
+    out = HERE / "figures"
+    out.mkdir(exist_ok=True)
+    for name, title in FIGURES.items():
+        csv = RUNS / name / "codewords" / "distances.csv"
+        classes = csv.read_text().splitlines()[0].split(",")[1:]
+        distances = np.loadtxt(csv, delimiter=",", skiprows=1, usecols=range(1, len(classes) + 1)).astype(int)
+        plot_heatmap(distances, classes, out / f"codewords-{name}.png", title=title)
+    examples = Image.open(RUNS / "I-adalabelhash-48-cpu-head" / "evaluate" / "examples.png").convert("RGB")
+    examples.save(out / "examples-I-adalabelhash-48-cpu-head.jpg", quality=85)
+
+
 def table() -> str:
     """Markdown table of results.jsonl: per protocol and code length, the compared rows first, tuning after."""
     rows = [json.loads(line) for line in RESULTS.read_text().splitlines() if line.strip()]
@@ -179,9 +204,13 @@ def main() -> None:
     parser.add_argument("--tag", help="suffix for the run name (e.g. a tuning variant)")
     parser.add_argument("-S", "--set", action="append", help="params override SECTION.KEY=VALUE (repeatable)")
     parser.add_argument("--table", action="store_true", help="print the results table (markdown)")
+    parser.add_argument("--figures", action="store_true", help="write the README figures from runs/ into figures/")
     args = parser.parse_args()
     if args.table:
         print(table())
+        return
+    if args.figures:
+        figures()
         return
     if not (args.protocol and args.method and args.bits):
         parser.error("--protocol, --method and --bits are required (or --table)")
