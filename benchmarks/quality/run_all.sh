@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The whole quality benchmark, in the order it was recorded (results.jsonl, README.md).
-#   bash benchmarks/quality/run_all.sh          # 2-core CPU, the recorded rows: about 3 hours on an idle machine
+#   bash benchmarks/quality/run_all.sh          # 2-core CPU, the recorded rows: about 2.5 hours on an idle machine
+#   bash benchmarks/quality/run_all.sh tune     # 2-core CPU, the tuning rows (protocol I, 48 bits, 64 px, 8 epochs): about 45 minutes
 #   bash benchmarks/quality/run_all.sh more     # 2-core CPU, protocol II at 16/32/64 bits (not recorded yet): about 1.5 hours
-#   bash benchmarks/quality/run_all.sh gpu      # a CUDA machine, 224 px: sized for < 10 minutes on one H200-class GPU
+#   bash benchmarks/quality/run_all.sh gpu      # a CUDA machine, 224 px: meant for < 10 minutes on one H200-class GPU (estimate, never run)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 run="python benchmarks/quality/run.py"
@@ -15,6 +16,19 @@ if [ "${1:-cpu}" = gpu ]; then
         $run --preset gpu --protocol $protocol --bits 48 --epochs $epochs --method frozen --tag gpu $frozen
         $run --preset gpu --protocol $protocol --bits 48 --epochs $epochs --method csq --tag gpu
     done
+    exit 0
+fi
+
+if [ "${1:-cpu}" = tune ]; then
+    tune="--protocol I --bits 48 --epochs 8"
+    $run $tune --method adalabelhash --tag tune-m1
+    for margin in 0.25 0.5 0.75; do
+        name=m$(echo $margin | tr -d .)K
+        [ $margin != 0.75 ] && $run $tune --method adalabelhash --tag tune-$name -S train.margin=$margin -S train.margin_relative=true
+        $run $tune --method frozen --tag tune-$name -S train.margin=$margin -S train.margin_relative=true
+    done
+    $run $tune --method adalabelhash --tag tune-hadamard-m075K -S train.codeword_init=hadamard $frozen
+    $run $tune --method csq --tag tune
     exit 0
 fi
 
