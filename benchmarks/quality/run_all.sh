@@ -9,53 +9,48 @@ cd "$(dirname "$0")/../.."
 run="python benchmarks/quality/run.py"
 frozen="-S train.margin=0.75 -S train.margin_relative=true"   # tuned for fixed centres (tuning rows in results.jsonl)
 
-if [ "${1:-cpu}" = gpu ]; then
-    for protocol in I II; do
-        epochs=$([ $protocol = I ] && echo 15 || echo 3)
-        $run --preset gpu --protocol $protocol --bits 48 --epochs $epochs --method adalabelhash --tag gpu
-        $run --preset gpu --protocol $protocol --bits 48 --epochs $epochs --method frozen --tag gpu $frozen
-        $run --preset gpu --protocol $protocol --bits 48 --epochs $epochs --method csq --tag gpu
-    done
-    exit 0
-fi
+# The three methods on one configuration: run.py's arguments, less --method.
+three_methods() {
+    $run "$@" --method adalabelhash
+    $run "$@" --method frozen $frozen
+    $run "$@" --method csq
+}
 
-if [ "${1:-cpu}" = tune ]; then
+case "${1:-cpu}" in
+gpu)
+    three_methods --preset gpu --protocol I --bits 48 --epochs 15 --tag gpu
+    three_methods --preset gpu --protocol II --bits 48 --epochs 3 --tag gpu
+    ;;
+tune)
     tune="--protocol I --bits 48 --epochs 8"
     $run $tune --method adalabelhash --tag tune-m1
     for margin in 0.25 0.5 0.75; do
         name=m$(echo $margin | tr -d .)K
-        [ $margin != 0.75 ] && $run $tune --method adalabelhash --tag tune-$name -S train.margin=$margin -S train.margin_relative=true
+        if [ $margin != 0.75 ]; then
+            $run $tune --method adalabelhash --tag tune-$name -S train.margin=$margin -S train.margin_relative=true
+        fi
         $run $tune --method frozen --tag tune-$name -S train.margin=$margin -S train.margin_relative=true
     done
     $run $tune --method adalabelhash --tag tune-hadamard-m075K -S train.codeword_init=hadamard $frozen
     $run $tune --method csq --tag tune
-    exit 0
-fi
-
-if [ "${1:-cpu}" = more ]; then
+    ;;
+more)
     for bits in 16 32 64; do
-        for method in adalabelhash frozen csq; do
-            extra=$([ $method = frozen ] && echo "$frozen" || true)
-            $run --protocol II --bits $bits --epochs 2 --method $method --tag cheap $extra
-        done
+        three_methods --protocol II --bits $bits --epochs 2 --tag cheap
     done
-    exit 0
-fi
-
-# Headline rows, 48 bits: protocol I at 96 px for 30 epochs (~25 min of training each on an idle
-# machine), protocol II at 64 px for 2 epochs (~9 min each on 10x the images).
-for method in adalabelhash frozen csq; do
-    extra=$([ $method = frozen ] && echo "$frozen" || true)
-    $run --protocol I --bits 48 --epochs 30 -S train.image_size=96 --method $method --tag head $extra
-done
-for method in adalabelhash frozen csq; do
-    extra=$([ $method = frozen ] && echo "$frozen" || true)
-    $run --protocol II --bits 48 --epochs 2 --method $method --tag head $extra
-done
-# The other code lengths, cheaper: protocol I at 64 px for 8 epochs.
-for bits in 16 32 64; do
-    for method in adalabelhash frozen csq; do
-        extra=$([ $method = frozen ] && echo "$frozen" || true)
-        $run --protocol I --bits $bits --epochs 8 --method $method --tag cheap $extra
+    ;;
+cpu)
+    # Headline rows, 48 bits: protocol I at 96 px for 30 epochs (~25 min of training each on an
+    # idle machine), protocol II at 64 px for 2 epochs (~8 min each on 10x the images).
+    three_methods --protocol I --bits 48 --epochs 30 -S train.image_size=96 --tag head
+    three_methods --protocol II --bits 48 --epochs 2 --tag head
+    # The other code lengths, cheaper: protocol I at 64 px for 8 epochs.
+    for bits in 16 32 64; do
+        three_methods --protocol I --bits $bits --epochs 8 --tag cheap
     done
-done
+    ;;
+*)
+    echo "usage: $0 [cpu|tune|more|gpu]" >&2
+    exit 2
+    ;;
+esac
