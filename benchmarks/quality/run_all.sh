@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The whole quality benchmark, in the order it was recorded (results.jsonl, README.md).
-#   bash benchmarks/quality/run_all.sh          # 2-core CPU, the recorded rows: about 2.5 hours on an idle machine
+#   bash benchmarks/quality/run_all.sh          # 2-core CPU, the recorded rows: about 3 hours on an idle machine
 #   bash benchmarks/quality/run_all.sh tune     # 2-core CPU, the tuning rows (protocol I, 48 bits, 64 px, 8 epochs): about 45 minutes
 #   bash benchmarks/quality/run_all.sh more     # 2-core CPU, protocol II at 16/32/64 bits (not recorded yet): about 1.5 hours
 #   bash benchmarks/quality/run_all.sh gpu      # a CUDA machine, 224 px: meant for < 10 minutes on one H200-class GPU (estimate, never run)
@@ -40,7 +40,7 @@ more)
     done
     ;;
 cpu)
-    # Headline rows, 48 bits: protocol I at 96 px for 30 epochs (~25 min of training each on an
+    # Headline rows, 48 bits: protocol I at 96 px for 30 epochs (~35 min of training each on an
     # idle machine), protocol II at 64 px for 2 epochs (~8 min each on 10x the images).
     three_methods --protocol I --bits 48 --epochs 30 -S train.image_size=96 --tag head
     three_methods --protocol II --bits 48 --epochs 2 --tag head
