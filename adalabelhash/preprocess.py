@@ -45,7 +45,8 @@ def load_images_cached(paths: Sequence[Path], hashes: Sequence[str], size: int, 
     """`load_images`, memoised on disk by the files' content hashes and the size."""
     if cache_dir is None:
         return load_images(paths, size, threads)
-    key = hashlib.sha256(f"{size}\n".encode() + "\n".join(hashes).encode()).hexdigest()[:24]
+    # "upright": decoded with the EXIF orientation applied; caches from before that are not reused
+    key = hashlib.sha256(f"{size}\nupright\n".encode() + "\n".join(hashes).encode()).hexdigest()[:24]
     cached = Path(cache_dir) / f"decoded-{size}px-{key}.npy"
     if cached.exists():
         return np.load(cached)

@@ -69,6 +69,17 @@ def test_read_rgb_converts_grayscale_palette_alpha_and_16_bit(tmp_path):
     assert pixels[0, 1, 0] in (100, 101) and pixels[1, 0].tolist() == [200, 0, 0]
 
 
+def test_read_rgb_applies_the_exif_orientation(tmp_path):
+    stored = np.zeros((10, 20, 3), np.uint8)  # 20 wide, 10 high, left half red
+    stored[:, :10, 0] = 255
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: the viewer rotates 90 degrees clockwise
+    Image.fromarray(stored).save(tmp_path / "photo.jpg", exif=exif, quality=95)
+    upright = np.asarray(read_rgb(tmp_path / "photo.jpg"))
+    assert upright.shape == (20, 10, 3)  # 10 wide, 20 high
+    assert upright[:8, :, 0].min() > 200 and upright[12:, :, 0].max() < 60  # the red half is now on top
+
+
 @pytest.mark.parametrize("make, message", [
     (lambda p: truncated_jpeg(p), "truncated or corrupt image data"),
     (lambda p: p.write_bytes(b""), r"empty file \(0 bytes\)"),

@@ -13,7 +13,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from adalabelhash.data.paths import DataRoot
 from adalabelhash.errors import UserError
@@ -66,13 +66,16 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 
 def read_rgb(path: str | os.PathLike) -> Image.Image:
-    """Decode `path` fully and return it as RGB (grayscale, palette, RGBA, CMYK... accepted)."""
+    """Decode `path` fully and return it upright, as RGB (grayscale, palette, RGBA, CMYK... accepted).
+    Upright: a camera photo's EXIF orientation is applied, so the model sees what a viewer shows."""
     path = Path(path)
     try:
         data = path.read_bytes()
     except OSError as exc:
         raise UserError(f"{path}: cannot read ({exc.strerror or exc})") from None
-    return to_rgb(_decode(data, path))
+    image = _decode(data, path)
+    ImageOps.exif_transpose(image, in_place=True)
+    return to_rgb(image)
 
 
 def image_facts(path: str | os.PathLike, name: str | None = None) -> dict[str, Any]:
