@@ -2,7 +2,7 @@
 # The whole quality benchmark, in the order it was recorded (results.jsonl, README.md).
 #   bash benchmarks/quality/run_all.sh          # 2-core CPU, the recorded rows: about 3 hours on an idle machine
 #   bash benchmarks/quality/run_all.sh tune     # 2-core CPU, the tuning rows (protocol I, 48 bits, 64 px, 8 epochs): about 45 minutes
-#   bash benchmarks/quality/run_all.sh more     # 2-core CPU, protocol II at 16/32/64 bits (not recorded yet): about 1.5 hours
+#   bash benchmarks/quality/run_all.sh more     # 2-core CPU, protocol II at 16/32/64 bits (16 recorded so far): about 1.5 hours
 #   bash benchmarks/quality/run_all.sh gpu      # a CUDA machine, 224 px: meant for < 10 minutes on one H200-class GPU (estimate, never run)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
