@@ -124,6 +124,14 @@ def run(args) -> dict:
     return row
 
 
+def read_distances(distances_csv: Path):
+    """export-codewords' distances.csv -> (class names, C x C Hamming distances)."""
+    import numpy as np
+
+    classes = distances_csv.read_text().splitlines()[0].split(",")[1:]
+    return classes, np.loadtxt(distances_csv, delimiter=",", skiprows=1, usecols=range(1, len(classes) + 1)).astype(int)
+
+
 def group_separation(distances_csv: Path, groups: dict[str, list[str]]) -> dict:
     """How far apart the two class groups' codewords are, and how often a random split of the classes
     into groups of the same sizes is at least as far apart (exact over every split: a p-value)."""
@@ -131,12 +139,11 @@ def group_separation(distances_csv: Path, groups: dict[str, list[str]]) -> dict:
 
     import numpy as np
 
-    classes = distances_csv.read_text().splitlines()[0].split(",")[1:]
-    distances = np.loadtxt(distances_csv, delimiter=",", skiprows=1, usecols=range(1, len(classes) + 1))
+    classes, distances = read_distances(distances_csv)
     first, second = groups.values()
+    pairs = list(itertools.combinations(range(len(classes)), 2))
 
     def gap(members: set[int]) -> float:  # mean distance across the groups - mean within them
-        pairs = list(itertools.combinations(range(len(classes)), 2))
         across = [distances[a, b] for a, b in pairs if (a in members) != (b in members)]
         within = [distances[a, b] for a, b in pairs if (a in members) == (b in members)]
         return float(np.mean(across) - np.mean(within))
@@ -156,7 +163,6 @@ FIGURES = {  # run -> what its heatmap shows
 
 def figures() -> None:
     """README figures from the runs' own outputs: codeword heatmaps with titles, the examples grid as JPEG."""
-    import numpy as np
     from PIL import Image
 
     from components.export_codewords import plot_heatmap
@@ -164,9 +170,7 @@ def figures() -> None:
     out = HERE / "figures"
     out.mkdir(exist_ok=True)
     for name, title in FIGURES.items():
-        csv = RUNS / name / "codewords" / "distances.csv"
-        classes = csv.read_text().splitlines()[0].split(",")[1:]
-        distances = np.loadtxt(csv, delimiter=",", skiprows=1, usecols=range(1, len(classes) + 1)).astype(int)
+        classes, distances = read_distances(RUNS / name / "codewords" / "distances.csv")
         plot_heatmap(distances, classes, out / f"codewords-{name}.png", title=title)
     examples = Image.open(RUNS / "I-adalabelhash-48-cpu-head" / "evaluate" / "examples.png").convert("RGB")
     examples.save(out / "examples-I-adalabelhash-48-cpu-head.jpg", quality=85)
@@ -213,7 +217,7 @@ def main() -> None:
         figures()
         return
     if not (args.protocol and args.method and args.bits):
-        parser.error("--protocol, --method and --bits are required (or --table)")
+        parser.error("--protocol, --method and --bits are required (or --table / --figures)")
     if not TARBALL.is_file() and not (REPO / ".cache" / "cifar10").is_dir():
         sys.exit(f"skipped: {TARBALL} is absent (see ../shared/datasets/README.md)")
     run(args)
