@@ -30,6 +30,9 @@ def test_train_outputs_model_history_and_curves(trained):
     assert {p.name for p in out.iterdir()} == {"model.pt", "history.csv", "train_summary.json", "curves.png"}
     summary = json.loads((out / "train_summary.json").read_text())
     assert summary["epochs_run"] == 3 and summary["monitor"] == "val_mAP" and 0 < summary["best_value"] <= 1
+    # every epoch's time (history.csv) adds up to the total a resumed run reports
+    epoch_seconds = [float(row.split(",")[-1]) for row in (out / "history.csv").read_text().splitlines()[1:]]
+    assert summary["epoch_seconds_total"] == round(sum(epoch_seconds), 2) > 0
     loaded = load_model(trained["model"])
     assert loaded.class_names == [str(d) for d in range(10)] and loaded.image_size == 16
     assert len((out / "history.csv").read_text().splitlines()) == 4
