@@ -58,7 +58,11 @@ def build_params(args) -> dict:
 
 
 def prepared(params: dict, protocol: str) -> tuple[Path, Path]:
-    """The protocol's manifest and passed validation, built once and reused by every run."""
+    """The protocol's manifest and passed validation, built once and reused by every run.
+
+    A gate report carried without its manifest (to a GPU machine, say) is reused only if the
+    rebuilt manifest is the dataset version that passed the gate."""
+    from adalabelhash.data.validation import require_passed
     from adalabelhash.params import parse_section
     from components.get_data import get_data
     from components.prepare import PrepareParams, prepare
@@ -68,11 +72,14 @@ def prepared(params: dict, protocol: str) -> tuple[Path, Path]:
     if not root.is_dir():
         get_data("cifar10", root, tarball=TARBALL if TARBALL.is_file() else None)
     work = RUNS / f"prepare-{protocol}"
-    if not (work / "validate" / "validation.json").is_file():
-        prepare(parse_section(PrepareParams, params["prepare"], "prepare"), work / "prepare")
-        validate(parse_section(ValidateParams, params["validate"], "validate"), work / "prepare" / "manifest.parquet",
-                 work / "validate", root)
-    return work / "prepare" / "manifest.parquet", work / "validate"
+    manifest, gate = work / "prepare" / "manifest.parquet", work / "validate"
+    if not (gate / "validation.json").is_file():
+        prepare(parse_section(PrepareParams, params["prepare"], "prepare"), manifest.parent)
+        validate(parse_section(ValidateParams, params["validate"], "validate"), manifest, gate, root)
+    elif not manifest.is_file():
+        rebuilt = prepare(parse_section(PrepareParams, params["prepare"], "prepare"), manifest.parent)
+        require_passed(gate, fingerprint=rebuilt["fingerprint"])
+    return manifest, gate
 
 
 def run(args) -> dict:

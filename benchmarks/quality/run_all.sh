@@ -3,20 +3,23 @@
 #   bash benchmarks/quality/run_all.sh          # 2-core CPU, the recorded rows: about 3 hours on an idle machine
 #   bash benchmarks/quality/run_all.sh tune     # 2-core CPU, the tuning rows (protocol I, 48 bits, 64 px, 8 epochs): about 45 minutes
 #   bash benchmarks/quality/run_all.sh more     # 2-core CPU, protocol II at 16/32/64 bits (16 recorded so far): about 1.5 hours
-#   bash benchmarks/quality/run_all.sh gpu      # a CUDA machine, 224 px: meant for < 10 minutes on one H200-class GPU (estimate, never run)
+#   bash benchmarks/quality/run_all.sh gpu      # a CUDA machine, 224 px, protocol I then II (lent_gpu.sh: how it was run here)
+# Arguments after the mode go to each compared run's run.py call (e.g. `-S train.batch_size=256`).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
+mode=${1:-cpu}
+extra=("${@:2}")
 run="python benchmarks/quality/run.py"
 frozen="-S train.margin=0.75 -S train.margin_relative=true"   # tuned for fixed centres (tuning rows in results.jsonl)
 
 # The three methods on one configuration: run.py's arguments, less --method.
 three_methods() {
-    $run "$@" --method adalabelhash
-    $run "$@" --method frozen $frozen
-    $run "$@" --method csq
+    $run "$@" --method adalabelhash "${extra[@]}"
+    $run "$@" --method frozen $frozen "${extra[@]}"
+    $run "$@" --method csq "${extra[@]}"
 }
 
-case "${1:-cpu}" in
+case "$mode" in
 gpu)
     three_methods --preset gpu --protocol I --bits 48 --epochs 15 --tag gpu
     three_methods --preset gpu --protocol II --bits 48 --epochs 3 --tag gpu
