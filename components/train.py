@@ -139,13 +139,14 @@ def train_tracked(all_params: dict, manifest_path: Path, data_root: Path, valida
 
     params = parse_section(TrainConfig, all_params.get("train"), "train")
     mlflow_params = parse_section(tracking.MlflowParams, all_params.get("mlflow"), "mlflow")
-    require_passed(validation_dir)
+    fingerprint = Manifest.load(manifest_path).fingerprint()
+    require_passed(validation_dir, fingerprint)  # and on this dataset version, not only on some data
     if params.processes > 1 and "WORLD_SIZE" not in os.environ:
         return _launch_torchrun(params.processes, all_params, manifest_path, data_root, validation_dir, out_dir,
                                 checkpoint_dir, resume, cache_dir)
     if distributed()[0] != 0:
         mlflow_params = tracking.MlflowParams(enabled=False)
-    tags = tracking.provenance_tags(Manifest.load(manifest_path).fingerprint(), source)
+    tags = tracking.provenance_tags(fingerprint, source)
     logged = {k: all_params[k] for k in TRACKED_SECTIONS if k in all_params}
     ref = tracking.start_run(mlflow_params, logged, tags, run_name=f"{params.backbone}-{params.bits}bits")
     with tracking.step_status(ref):

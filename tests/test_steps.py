@@ -185,3 +185,17 @@ def test_step_cli_with_a_missing_input_leaves_no_output(trained, tmp_path):
                tmp_path, "--out", tmp_path / "t", cwd=tmp_path)
     assert proc.returncode == 2 and proc.stderr.strip().splitlines() == ["error: params train: epochs must be > 0, got 0"]
     assert not (tmp_path / "t").exists()
+
+
+def test_train_refuses_a_gate_that_passed_on_another_dataset_version(trained, tmp_path):
+    from components.prepare import PrepareParams, prepare
+
+    other = prepare(PrepareParams(source="digits", root=str(trained["root"]), query_per_class=10, val_per_class=5,
+                                  seed=1), tmp_path / "prepare")
+    (tmp_path / "params.yaml").write_text("train: {epochs: 1}\nmlflow: {enabled: false}\n")
+    proc = cli("train", "--manifest", other["manifest"], "--data-root", trained["root"], "--validation",
+               trained["work"] / "validate", "--out", tmp_path / "t", cwd=tmp_path)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
+    assert f"the gate passed on dataset {Manifest.load(trained['manifest']).fingerprint()[:16]}, not on " \
+           f"{other['fingerprint'][:16]}" in proc.stderr
+    assert not (tmp_path / "t").exists()
