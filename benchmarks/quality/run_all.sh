@@ -2,7 +2,7 @@
 # The whole quality benchmark, in the order it was recorded (results.jsonl, README.md).
 #   bash benchmarks/quality/run_all.sh          # 2-core CPU, the recorded rows: about 3 hours on an idle machine
 #   bash benchmarks/quality/run_all.sh tune     # 2-core CPU, the tuning rows (protocol I, 48 bits, 64 px, 8 epochs): about 45 minutes
-#   bash benchmarks/quality/run_all.sh more     # 2-core CPU, protocol II at 16/32/64 bits (16 recorded so far): about 1.5 hours
+#   bash benchmarks/quality/run_all.sh more     # 2-core CPU, protocol II: 16/32/64 bits at 2 epochs, 48 bits at 4: about 2.5 hours
 #   bash benchmarks/quality/run_all.sh gpu      # a CUDA machine, 224 px, protocol I then II (lent_gpu.sh: how it was run here)
 # Arguments after the mode go to each compared run's run.py call (e.g. `-S train.batch_size=256`).
 set -euo pipefail
@@ -41,6 +41,7 @@ more)
     for bits in 16 32 64; do
         three_methods --protocol II --bits $bits --epochs 2 --tag cheap
     done
+    three_methods --protocol II --bits 48 --epochs 4 --tag e4   # the headline protocol II rows, twice the epochs
     ;;
 cpu)
     # Headline rows, 48 bits: protocol I at 96 px for 30 epochs (~35 min of training each on an
