@@ -42,8 +42,8 @@ for module in torch timm onnxruntime faiss mlflow; do
 print('$module', getattr(m, '__version__', ''), f'imported in {time.perf_counter() - t:.1f} s')" || {
         echo "import $module: failed or hung (exit $?)"; exit 1; }
 done
-# Then together, in the order a run imports them: faiss and torch each bring an OpenMP runtime and
-# are known to hang or crash together on some builds (faiss issues 908, 2555, 3401).
+# Then together (faiss after torch, as in a run): each brings an OpenMP runtime and the two are
+# known to hang or crash together on some builds (faiss issues 908, 2555, 3401).
 timeout -k 5 120 python -c "import torch, timm, onnxruntime, mlflow, faiss; torch.zeros(1).cuda(); print('all imported, CUDA ok')" || {
     echo "importing them together (then a CUDA tensor): failed or hung (exit $?)"; exit 1; }
 
