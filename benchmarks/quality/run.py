@@ -183,10 +183,10 @@ def figures() -> None:
 def table() -> str:
     """Markdown table of results.jsonl: per protocol and code length, the compared rows first, tuning after."""
     rows = [json.loads(line) for line in RESULTS.read_text().splitlines() if line.strip()]
-    kind = {"r128": 0, "head": 1, "e4": 2, "cheap": 3}
+    kind = {"r160": 0, "r128": 1, "head": 2, "e4": 3, "cheap": 4}
     lines = ["| protocol | bits | method | px | epochs | train min | mAP (tie-aware) | mAP (stable) | mAP@1000 | P@1000 | P r<=2 | codeword acc. | run |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in sorted(rows, key=lambda r: (r["protocol"], r["bits"], kind.get(r["run"].rsplit("-", 1)[-1], 3), r["run"])):
+    for r in sorted(rows, key=lambda r: (r["protocol"], r["bits"], kind.get(r["run"].rsplit("-", 1)[-1], len(kind)), r["run"])):
         lines.append(f"| {r['protocol']} | {r['bits']} | {r['method']} | {r['image_size']} | {r['epochs']} | {r['train_minutes']} | "
                      f"{r['mAP']:.4f} | {r['mAP_stable']:.4f} | {r['mAP_at_1000']:.4f} | {r['P_at_1000']:.4f} | "
                      f"{r['P_radius_2']:.4f} | {r['query_codeword_accuracy']:.3f} | {r['run']} |")
