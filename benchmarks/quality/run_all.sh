@@ -4,7 +4,7 @@
 #   bash benchmarks/quality/run_all.sh tune     # 2-core CPU, the tuning rows (protocol I, 48 bits, 64 px, 8 epochs): about 45 minutes
 #   bash benchmarks/quality/run_all.sh more     # 2-core CPU, protocol II: 16/32/64 bits at 2 epochs, 48 bits at 4: about 2.5 hours
 #   bash benchmarks/quality/run_all.sh r128     # 2-core CPU, protocol I at 48 bits, 128 px for 20 epochs: about 2 hours
-#   bash benchmarks/quality/run_all.sh r160     # 2-core CPU, protocol I at 48 bits, 160 px for 12 epochs: about 2 hours
+#   bash benchmarks/quality/run_all.sh r160     # 2-core CPU, protocol I at 48 bits, 160 px for 12 epochs (and AdaLabelHash with a second seed): about 2.5 hours
 #   bash benchmarks/quality/run_all.sh gpu      # a CUDA machine, 224 px, protocol I then II (lent_gpu.sh: how it was run here)
 # Arguments after the mode go to each compared run's run.py call (e.g. `-S train.batch_size=256`).
 set -euo pipefail
@@ -55,6 +55,8 @@ r160)
     # Protocol I at 160 px for 12 epochs: at 128 px validation mAP peaked by epoch 11-12 for two of
     # the three methods while the training loss kept falling, so trade epochs for resolution.
     three_methods --protocol I --bits 48 --epochs 12 -S train.image_size=160 -S train.val_database_size=1000 --tag r160
+    # AdaLabelHash again with another training seed (the split unchanged): how far one seed moves it.
+    $run --protocol I --bits 48 --epochs 12 -S train.image_size=160 -S train.val_database_size=1000 -S train.seed=1 --tag r160-seed1 --method adalabelhash "${extra[@]}"
     ;;
 cpu)
     # Headline rows, 48 bits: protocol I at 96 px for 30 epochs (~35 min of training each on an
