@@ -33,7 +33,6 @@ def test_a_gate_carried_without_its_manifest_gets_the_same_manifest_rebuilt(qual
     assert manifest.read_bytes() == built
 
 
-
 def test_table_lists_headline_rows_before_earlier_and_tuning_rows(quality_run, tmp_path, monkeypatch):
     recorded = json.loads((REPO / "benchmarks" / "quality" / "results.jsonl").read_text().splitlines()[0])
     tags = ["tune-m1", "cheap", "r128", "head", "e4", "r160"]

@@ -54,9 +54,10 @@ r128)
 r160)
     # Protocol I at 160 px for 12 epochs: at 128 px validation mAP peaked by epoch 11-12 for two of
     # the three methods while the training loss kept falling, so trade epochs for resolution.
-    three_methods --protocol I --bits 48 --epochs 12 -S train.image_size=160 -S train.val_database_size=1000 --tag r160
+    r160="--protocol I --bits 48 --epochs 12 -S train.image_size=160 -S train.val_database_size=1000"
+    three_methods $r160 --tag r160
     # AdaLabelHash again with another training seed (the split unchanged): how far one seed moves it.
-    $run --protocol I --bits 48 --epochs 12 -S train.image_size=160 -S train.val_database_size=1000 -S train.seed=1 --tag r160-seed1 --method adalabelhash "${extra[@]}"
+    $run $r160 -S train.seed=1 --tag r160-seed1 --method adalabelhash "${extra[@]}"
     ;;
 cpu)
     # Headline rows, 48 bits: protocol I at 96 px for 30 epochs (~35 min of training each on an
