@@ -183,7 +183,7 @@ def figures() -> None:
 def table() -> str:
     """Markdown table of results.jsonl: per protocol and code length, the compared rows first, tuning after."""
     rows = [json.loads(line) for line in RESULTS.read_text().splitlines() if line.strip()]
-    kind = {"r160": 0, "r128": 1, "head": 2, "e4": 3, "cheap": 4}
+    kind = {"r160": 0, "r128": 1, "head": 2, "e8": 3, "e4": 4, "cheap": 5}
     lines = ["| protocol | bits | method | px | epochs | train min | mAP (tie-aware) | mAP (stable) | mAP@1000 | P@1000 | P r<=2 | codeword acc. | run |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: (r["protocol"], r["bits"], kind.get(r["run"].rsplit("-", 1)[-1], len(kind)), r["run"])):
