@@ -159,8 +159,8 @@ def group_separation(distances_csv: Path, groups: dict[str, list[str]]) -> dict:
 
 
 FIGURES = {  # run -> what its heatmap shows
-    "II-adalabelhash-48-cpu-head": "protocol II, learned codewords (AdaLabelHash)",
-    "II-frozen-48-cpu-head": "protocol II, frozen codewords (fixed centres)",
+    "II-adalabelhash-48-cpu-e8": "protocol II, learned codewords (AdaLabelHash, 8 epochs)",
+    "II-frozen-48-cpu-e8": "protocol II, frozen codewords (fixed centres)",
     "I-adalabelhash-48-cpu-head": "protocol I, learned codewords (96 px, 30 epochs)",
 }
 
