@@ -5,7 +5,7 @@
 #   bash benchmarks/quality/run_all.sh more     # 2-core CPU, protocol II: 16/32/64 bits at 2 epochs, 48 bits at 4: about 2.5 hours
 #   bash benchmarks/quality/run_all.sh r128     # 2-core CPU, protocol I at 48 bits, 128 px for 20 epochs: about 2 hours
 #   bash benchmarks/quality/run_all.sh e8       # 2-core CPU, protocol II at 48 bits, 64 px for 8 epochs: about 2 hours
-#   bash benchmarks/quality/run_all.sh r160     # 2-core CPU, protocol I at 48 bits, 160 px for 12 epochs (and AdaLabelHash and CSQ with a second seed): about 3 hours
+#   bash benchmarks/quality/run_all.sh r160     # 2-core CPU, protocol I at 48 bits, 160 px for 12 epochs (and again with a second seed): about 4 hours
 #   bash benchmarks/quality/run_all.sh gpu      # a CUDA machine, 224 px, protocol I then II (lent_gpu.sh: how it was run here)
 # Arguments after the mode go to each compared run's run.py call (e.g. `-S train.batch_size=256`).
 set -euo pipefail
@@ -57,9 +57,11 @@ r160)
     # the three methods while the training loss kept falling, so trade epochs for resolution.
     r160="--protocol I --bits 48 --epochs 12 -S train.image_size=160 -S train.val_database_size=1000"
     three_methods $r160 --tag r160
-    # AdaLabelHash, then CSQ, again with another training seed (the split unchanged): how far one seed moves them.
+    # AdaLabelHash, CSQ, then frozen codewords, again with training seed 1 (the split unchanged):
+    # how far one seed moves them.
     $run $r160 -S train.seed=1 --tag r160-seed1 --method adalabelhash "${extra[@]}"
     $run $r160 -S train.seed=1 --tag r160-seed1 --method csq "${extra[@]}"
+    $run $r160 -S train.seed=1 --tag r160-seed1 --method frozen $frozen "${extra[@]}"
     ;;
 e8)
     # Protocol II at 48 bits for 8 epochs (~35 min of training each): 2 -> 4 epochs had added
