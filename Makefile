@@ -4,6 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+VENV_MIN_GB ?= 7
 export PATH := $(abspath $(BIN)):$(PATH)
 export DVC_NO_ANALYTICS := 1
 export GIT_PYTHON_REFRESH := quiet
@@ -16,6 +17,9 @@ help: ## list the targets
 
 venv: $(STAMP) ## create .venv with the pinned working set (constraints.txt)
 $(STAMP): pyproject.toml constraints.txt
+	@# The pinned set (CUDA build of torch) takes 6.6 GB: say so up front rather than fail mid-install.
+	@free=$$(df -Pk . | awk 'NR==2 {print int($$4 / 1048576)}'); [ $$free -ge $(VENV_MIN_GB) ] || \
+	  { echo "make: $(VENV) needs about $(VENV_MIN_GB) GB of free disk, $$free GB free at $(CURDIR)" >&2; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -c constraints.txt -e '.[cpu,dev]'
