@@ -43,3 +43,22 @@ def test_table_lists_headline_rows_before_earlier_and_tuning_rows(quality_run, t
     results_table = quality_run.table().split("\n\n")[0]
     listed = [line.rsplit("-", 1)[-1].rstrip(" |") for line in results_table.splitlines()[2:]]
     assert listed == ["r160", "r128", "head", "e8", "e4", "cheap", "m1"]  # a tuning tag: last
+
+
+def test_readme_tables_are_rewritten_between_their_markers_only(quality_run, tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- results table: cmd -->\nstale\n<!-- end results table -->\nmiddle\n"
+                      "<!-- codewords table: cmd -->\nstale\n<!-- end codewords table -->\noutro\n")
+    quality_run.write_readme_tables(readme)
+
+    results, codewords = quality_run.table().split("\n\n")
+    assert readme.read_text() == (f"intro\n<!-- results table: cmd -->\n{results}\n<!-- end results table -->\nmiddle\n"
+                                  f"<!-- codewords table: cmd -->\n{codewords}\n<!-- end codewords table -->\noutro\n")
+
+
+def test_readme_without_table_markers_is_refused_and_left_unchanged(quality_run, tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text("<!-- results table: cmd -->\nstale\n<!-- end results table -->\n")
+    with pytest.raises(SystemExit, match="codewords table"):
+        quality_run.write_readme_tables(readme)
+    assert readme.read_text() == "<!-- results table: cmd -->\nstale\n<!-- end results table -->\n"

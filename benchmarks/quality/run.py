@@ -3,11 +3,13 @@
 One call = one (protocol, method, bits) run: prepare -> validate -> train -> export-codewords ->
 convert-onnx -> encode -> evaluate, each the step function `dvc repro` runs, logged to MLflow
 (experiment `adalabelhash-cifar10-quality`). The result row is appended to results.jsonl;
-`--table` prints the results and the codeword-group tables (markdown) from it.
+`--table` prints the results and the codeword-group tables (markdown) from it; `--readme` writes
+them into README.md between its table markers.
 
     python benchmarks/quality/run.py --protocol I --method adalabelhash --bits 48 --epochs 30
     python benchmarks/quality/run.py --protocol II --method csq --bits 48 --preset gpu    # CUDA machine
     python benchmarks/quality/run.py --table
+    python benchmarks/quality/run.py --readme
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import datetime
 import json
 import os
 import platform
+import re
 import sys
 import time
 from pathlib import Path
@@ -202,6 +205,19 @@ def table() -> str:
     return "\n".join(lines)
 
 
+def write_readme_tables(readme: Path) -> None:
+    """Replace each `<!-- NAME table: ... -->` ... `<!-- end NAME table -->` block of the README with the fresh table."""
+    from adalabelhash.fileio import write_text
+
+    text = readme.read_text()
+    for name, body in zip(("results", "codewords"), table().split("\n\n")):
+        pattern = rf"(<!-- {name} table:[^\n]*-->\n).*?(<!-- end {name} table -->)"
+        if not re.search(pattern, text, flags=re.S):
+            sys.exit(f"{readme}: no '<!-- {name} table: ... -->' ... '<!-- end {name} table -->' markers")
+        text = re.sub(pattern, lambda m: m.group(1) + body + "\n" + m.group(2), text, flags=re.S)
+    write_text(readme, text)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--protocol", choices=["I", "II"])
@@ -212,16 +228,20 @@ def main() -> None:
     parser.add_argument("--tag", help="suffix for the run name (e.g. a tuning variant)")
     parser.add_argument("-S", "--set", action="append", help="params override SECTION.KEY=VALUE (repeatable)")
     parser.add_argument("--table", action="store_true", help="print the results table (markdown)")
+    parser.add_argument("--readme", action="store_true", help="write the tables into README.md (between its table markers)")
     parser.add_argument("--figures", action="store_true", help="write the README figures from runs/ into figures/")
     args = parser.parse_args()
     if args.table:
         print(table())
         return
+    if args.readme:
+        write_readme_tables(HERE / "README.md")
+        return
     if args.figures:
         figures()
         return
     if not (args.protocol and args.method and args.bits):
-        parser.error("--protocol, --method and --bits are required (or --table / --figures)")
+        parser.error("--protocol, --method and --bits are required (or --table / --readme / --figures)")
     if not TARBALL.is_file() and not (REPO / ".cache" / "cifar10").is_dir():
         sys.exit(f"skipped: {TARBALL} is absent (see ../shared/datasets/README.md)")
     run(args)
