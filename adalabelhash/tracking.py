@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
+import threading
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
@@ -296,20 +298,30 @@ def dataclass_like(obj: Any) -> bool:
 
 
 class step_status:
-    """Mark the run FINISHED after a step that succeeded, FAILED after one that raised."""
+    """Mark the run FINISHED after a step that succeeded, FAILED after one that raised, KILLED after
+    Ctrl-C or SIGTERM (what `kill`, DVC and Kubernetes send), so no run stays RUNNING forever."""
 
     def __init__(self, ref: RunRef):
         self.ref = ref
+        self.previous_sigterm = None
 
     def __enter__(self):
+        if threading.current_thread() is threading.main_thread():  # only the main thread may set handlers
+            self.previous_sigterm = signal.signal(signal.SIGTERM, _interrupt)
         return self.ref
 
     def __exit__(self, exc_type, exc, tb):
+        if self.previous_sigterm is not None:
+            signal.signal(signal.SIGTERM, self.previous_sigterm)
         if self.ref.run_id is not None:
-            status = "FAILED" if exc_type else "FINISHED"
+            status = "FINISHED" if exc_type is None else "KILLED" if issubclass(exc_type, KeyboardInterrupt) else "FAILED"
             try:
                 client(self.ref).set_terminated(self.ref.run_id, status)
             except Exception:  # never hide the step's own error behind a tracking error
                 if exc_type is None:
                     raise
         return False
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(signal.Signals(signum).name)
