@@ -299,7 +299,7 @@ def dataclass_like(obj: Any) -> bool:
 
 class step_status:
     """Mark the run FINISHED after a step that succeeded, FAILED after one that raised, KILLED after
-    Ctrl-C or SIGTERM (what `kill`, DVC and Kubernetes send), so no run stays RUNNING forever."""
+    Ctrl-C or SIGTERM (what `kill` and Kubernetes send), so no run stays RUNNING forever."""
 
     def __init__(self, ref: RunRef):
         self.ref = ref
