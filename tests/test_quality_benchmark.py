@@ -35,14 +35,14 @@ def test_a_gate_carried_without_its_manifest_gets_the_same_manifest_rebuilt(qual
 
 def test_table_lists_headline_rows_before_earlier_and_tuning_rows(quality_run, tmp_path, monkeypatch):
     recorded = json.loads((REPO / "benchmarks" / "quality" / "results.jsonl").read_text().splitlines()[0])
-    tags = ["tune-m1", "cheap", "e4", "r128", "head", "e8", "r160"]
+    tags = ["tune-m1", "cheap", "e4", "r128", "e16", "head", "e8", "r160"]
     results = tmp_path / "results.jsonl"
     results.write_text("".join(json.dumps({**recorded, "run": f"I-adalabelhash-48-cpu-{tag}"}) + "\n" for tag in tags))
     monkeypatch.setattr(quality_run, "RESULTS", results)
 
     results_table = quality_run.table().split("\n\n")[0]
     listed = [line.rsplit("-", 1)[-1].rstrip(" |") for line in results_table.splitlines()[2:]]
-    assert listed == ["r160", "r128", "head", "e8", "e4", "cheap", "m1"]  # a tuning tag: last
+    assert listed == ["r160", "r128", "head", "e16", "e8", "e4", "cheap", "m1"]  # a tuning tag: last
 
 
 def test_readme_tables_are_rewritten_between_their_markers_only(quality_run, tmp_path):

@@ -162,7 +162,7 @@ def group_separation(distances_csv: Path, groups: dict[str, list[str]]) -> dict:
 
 
 FIGURES = {  # run -> what its heatmap shows
-    "II-adalabelhash-48-cpu-e8": "protocol II, learned codewords (AdaLabelHash, 8 epochs)",
+    "II-adalabelhash-48-cpu-e16": "protocol II, learned codewords (AdaLabelHash, 16 epochs)",
     "II-frozen-48-cpu-e8": "protocol II, frozen codewords (fixed centres)",
     "I-adalabelhash-48-cpu-head": "protocol I, learned codewords (96 px, 30 epochs)",
 }
@@ -186,7 +186,7 @@ def figures() -> None:
 def table() -> str:
     """Markdown table of results.jsonl: per protocol and code length, the compared rows first, tuning after."""
     rows = [json.loads(line) for line in RESULTS.read_text().splitlines() if line.strip()]
-    kind = {"r160": 0, "r128": 1, "head": 2, "e8": 3, "e4": 4, "cheap": 5}
+    kind = {"r160": 0, "r128": 1, "head": 2, "e16": 3, "e8": 4, "e4": 5, "cheap": 6}
     lines = ["| protocol | bits | method | px | epochs | train min | mAP (tie-aware) | mAP (stable) | mAP@1000 | P@1000 | P r<=2 | codeword acc. | run |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: (r["protocol"], r["bits"], kind.get(r["run"].rsplit("-", 1)[-1], len(kind)), r["run"])):
