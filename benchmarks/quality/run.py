@@ -212,9 +212,9 @@ def write_readme_tables(readme: Path) -> None:
     text = readme.read_text()
     for name, body in zip(("results", "codewords"), table().split("\n\n")):
         pattern = rf"(<!-- {name} table:[^\n]*-->\n).*?(<!-- end {name} table -->)"
-        if not re.search(pattern, text, flags=re.S):
+        text, replaced = re.subn(pattern, lambda m: m.group(1) + body + "\n" + m.group(2), text, flags=re.S)
+        if not replaced:
             sys.exit(f"{readme}: no '<!-- {name} table: ... -->' ... '<!-- end {name} table -->' markers")
-        text = re.sub(pattern, lambda m: m.group(1) + body + "\n" + m.group(2), text, flags=re.S)
     write_text(readme, text)
 
 

@@ -15,12 +15,12 @@ cd "$(dirname "$0")/../.."
 mode=${1:-cpu}
 extra=("${@:2}")
 run="python benchmarks/quality/run.py"
-frozen="-S train.margin=0.75 -S train.margin_relative=true"   # tuned for fixed centres (tuning rows in results.jsonl)
+margin_075K="-S train.margin=0.75 -S train.margin_relative=true"   # frozen codewords' margin (tuning rows in results.jsonl)
 
 # The three methods on one configuration: run.py's arguments, less --method.
 three_methods() {
     $run "$@" --method adalabelhash "${extra[@]}"
-    $run "$@" --method frozen $frozen "${extra[@]}"
+    $run "$@" --method frozen $margin_075K "${extra[@]}"
     $run "$@" --method csq "${extra[@]}"
 }
 
@@ -39,7 +39,7 @@ tune)
         fi
         $run $tune --method frozen --tag tune-$name -S train.margin=$margin -S train.margin_relative=true
     done
-    $run $tune --method adalabelhash --tag tune-hadamard-m075K -S train.codeword_init=hadamard $frozen
+    $run $tune --method adalabelhash --tag tune-hadamard-m075K -S train.codeword_init=hadamard $margin_075K
     $run $tune --method csq --tag tune
     ;;
 more)
@@ -76,8 +76,8 @@ e16)
 tune2)
     # Protocol II at 48 bits: what might close CSQ's lead, 4 epochs each (compare with the e4 rows).
     e4="--protocol II --bits 48 --epochs 4 --method adalabelhash"
-    $run $e4 -S train.margin=0.75 -S train.margin_relative=true --tag e4-m075K
-    $run $e4 -S train.margin=0.75 -S train.margin_relative=true -S train.floor_negatives=false --tag e4-m075K-unfloored
+    $run $e4 $margin_075K --tag e4-m075K
+    $run $e4 $margin_075K -S train.floor_negatives=false --tag e4-m075K-unfloored
     # A ResNet-18 from scratch at 32 px (twice Lite0's images per second at 64 px). AdaLabelHash's
     # run was stopped by hand after 6 of 16 epochs: its loss sat at the margin (README).
     scratch="--protocol II --bits 48 -S train.backbone=resnet18 -S train.pretrained=false -S train.image_size=32 -S train.lr=0.001 --tag scratch-r18"
