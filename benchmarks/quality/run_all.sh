@@ -78,6 +78,7 @@ tune2)
     e4="--protocol II --bits 48 --epochs 4 --method adalabelhash"
     $run $e4 $margin_075K --tag e4-m075K
     $run $e4 $margin_075K -S train.floor_negatives=false --tag e4-m075K-unfloored
+    $run $e4 -S train.lr=0.001 --tag e4-lr1e-3   # the backbone's lr 3.3x (the head's stays 3e-3)
     # A ResNet-18 from scratch at 32 px (twice Lite0's images per second at 64 px). AdaLabelHash's
     # run was stopped by hand after 6 of 16 epochs: its loss sat at the margin (README).
     scratch="--protocol II --bits 48 -S train.backbone=resnet18 -S train.pretrained=false -S train.image_size=32 -S train.lr=0.001 --tag scratch-r18"
