@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # The whole quality benchmark, in the order it was recorded (results.jsonl, README.md).
-#   bash benchmarks/quality/run_all.sh          # 2-core CPU, the recorded rows: about 3 hours on an idle machine
+#   bash benchmarks/quality/run_all.sh          # 2-core CPU, the first recorded rows (`head`, `cheap`): about 3 hours on an idle machine
 #   bash benchmarks/quality/run_all.sh tune     # 2-core CPU, the tuning rows (protocol I, 48 bits, 64 px, 8 epochs): about 45 minutes
 #   bash benchmarks/quality/run_all.sh more     # 2-core CPU, protocol II: 16/32/64 bits at 2 epochs, 48 bits at 4: about 2.5 hours
 #   bash benchmarks/quality/run_all.sh r128     # 2-core CPU, protocol I at 48 bits, 128 px for 20 epochs: about 2 hours
 #   bash benchmarks/quality/run_all.sh e8       # 2-core CPU, protocol II at 48 bits, 64 px for 8 epochs: about 2 hours
 #   bash benchmarks/quality/run_all.sh e16      # 2-core CPU, protocol II at 48 bits, 64 px for 16 epochs: about 3 hours
-#   bash benchmarks/quality/run_all.sh tune2    # 2-core CPU, protocol II tuning rows (margins, a network from scratch): about 1.5 hours
+#   bash benchmarks/quality/run_all.sh tune2    # 2-core CPU, protocol II tuning rows (margins, lr, a network from scratch): about 2 hours
 #   bash benchmarks/quality/run_all.sh r160     # 2-core CPU, protocol I at 48 bits, 160 px for 12 epochs (and again with a second seed): about 4 hours
 #   bash benchmarks/quality/run_all.sh gpu      # a CUDA machine, 224 px, protocol I then II (lent_gpu.sh: how it was run here)
 # Arguments after the mode go to each compared run's run.py call (e.g. `-S train.batch_size=256`).
