@@ -432,9 +432,8 @@ def nearest_class_pairs(dist, class_names, k: int) -> list[tuple[str, str, int]]
     return pairs[:k]
 
 
-def nearest_codeword_classify(codes_packed, codewords_packed) -> np.ndarray:
-    """Predicted class per image: argmin Hamming distance to the packed codewords; ties go to
-    the lowest class index (np.argmin), so the result is deterministic."""
+def _codeword_distance_blocks(codes_packed, codewords_packed):
+    """(start, distances (rows, C)) blocks of image-to-codeword Hamming distances."""
     codes_packed = _check_codes("codes", codes_packed)
     codewords_packed = _check_codes("codewords", codewords_packed)
     if codes_packed.shape[1] != codewords_packed.shape[1]:
@@ -446,9 +445,49 @@ def nearest_codeword_classify(codes_packed, codewords_packed) -> np.ndarray:
     bits = 8 * codes_packed.shape[1]
     code_words = _words(codes_packed)
     rows = _chunk_rows(8 + 1, len(codewords_packed), CHUNK_MB)
-    return np.concatenate(
-        [
-            _block_distances(code_words[:, s : s + rows], words, bits).argmin(1)
-            for s in range(0, len(codes_packed), rows)
-        ]
-    )
+    for s in range(0, len(codes_packed), rows):
+        yield s, _block_distances(code_words[:, s : s + rows], words, bits)
+
+
+def nearest_codeword_classify(codes_packed, codewords_packed) -> np.ndarray:
+    """Predicted class per image: argmin Hamming distance to the packed codewords; ties go to
+    the lowest class index (np.argmin), so the result is deterministic."""
+    return np.concatenate([d.argmin(1) for _, d in _codeword_distance_blocks(codes_packed, codewords_packed)])
+
+
+def own_codeword_distance(codes_packed, codewords_packed, labels) -> np.ndarray:
+    """Per image, the Hamming distance to its own class's codeword (multi-label: the nearest of
+    its classes' codewords): how far the codes sit from the label space they were trained on."""
+    labels = _check_labels("labels", labels, np.asarray(codes_packed).shape[0])
+    if labels.shape[1] != np.asarray(codewords_packed).shape[0]:
+        raise UserError(f"labels have {labels.shape[1]} classes but there are {np.asarray(codewords_packed).shape[0]} codewords")
+    if not labels.any(1).all():
+        raise UserError("every image needs at least one label to have an own codeword")
+    blocks = _codeword_distance_blocks(codes_packed, codewords_packed)
+    return np.concatenate([np.where(labels[s : s + len(d)], d, np.iinfo(d.dtype).max).min(1)
+                           for s, d in blocks]).astype(np.int64)
+
+
+def class_code_spread(codes_packed, labels) -> dict[str, float]:
+    """Mean Hamming distance between two codes of the same class (`within`, averaged over classes
+    with >= 2 images) and of two different classes (`across`, averaged over class pairs).
+
+    Exact, from per-class counts of ones per bit: two codes drawn from classes c and d differ in
+    bit k with probability p_ck (1 - p_dk) + (1 - p_ck) p_dk (without replacement when c = d).
+    Retrieval ranks by these distances, so `within` is the spread that costs mAP."""
+    codes_packed = _check_codes("codes", codes_packed)
+    labels = _check_labels("labels", labels, codes_packed.shape[0]).astype(np.float64)
+    ones = np.zeros((labels.shape[1], 8 * codes_packed.shape[1]))
+    for s in range(0, len(codes_packed), 65536):
+        ones += labels[s : s + 65536].T @ np.unpackbits(codes_packed[s : s + 65536], axis=1)
+    n = labels.sum(0)
+    zeros = n[:, None] - ones
+    with np.errstate(divide="ignore", invalid="ignore"):
+        mean_distance = (ones @ zeros.T + zeros @ ones.T) / np.outer(n, n)
+        within = np.diag(mean_distance) * n / (n - 1)
+    classes = np.flatnonzero(n >= 2)
+    i, j = np.triu_indices(len(n), 1)
+    pairs = (n[i] > 0) & (n[j] > 0)
+    if not len(classes) or not pairs.any():
+        raise UserError("class spread needs a class with >= 2 images and two classes with images")
+    return {"within": float(within[classes].mean()), "across": float(mean_distance[i[pairs], j[pairs]].mean())}

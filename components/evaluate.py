@@ -43,7 +43,7 @@ def evaluate(params: EvaluateParams, encoded_dir: Path, manifest_path: Path, dat
     from adalabelhash.data.manifest import Manifest
     from adalabelhash.errors import UserError
     from adalabelhash.fileio import atomic_directory, write_json
-    from adalabelhash.metrics import nearest_codeword_classify, retrieval_metrics
+    from adalabelhash.metrics import retrieval_metrics
     from components.encode import load_encoded
 
     manifest = Manifest.load(manifest_path)
@@ -66,13 +66,11 @@ def evaluate(params: EvaluateParams, encoded_dir: Path, manifest_path: Path, dat
                    f"P_radius_{params.radius}"]
     metrics = {key: round(expected[key], 6) for key in scalar_keys}
     metrics.update({f"{key}_stable": round(stable[key], 6) for key in scalar_keys if key.startswith("mAP")})
-    if codewords_path is not None:
-        codewords = np.load(codewords_path)
-        if codewords.shape != (len(manifest.classes), codes.shape[1] * 8):
-            raise UserError(f"{codewords_path}: codewords of shape {codewords.shape} do not fit "
-                            f"{len(manifest.classes)} classes x {codes.shape[1] * 8} bits")
-        predicted = nearest_codeword_classify(q_codes, np.packbits(codewords, axis=1))
-        metrics["query_codeword_accuracy"] = round(float((q_labels[np.arange(len(q_ids)), predicted] > 0).mean()), 6)
+    codewords = np.load(codewords_path) if codewords_path is not None else None
+    if codewords is not None and codewords.shape != (len(manifest.classes), codes.shape[1] * 8):
+        raise UserError(f"{codewords_path}: codewords of shape {codewords.shape} do not fit "
+                        f"{len(manifest.classes)} classes x {codes.shape[1] * 8} bits")
+    metrics.update(code_structure(q_codes, q_labels, db_codes, db_labels, codewords))
     metrics.update({
         "bits": expected["bits"],
         "queries": expected["queries"],
@@ -91,6 +89,23 @@ def evaluate(params: EvaluateParams, encoded_dir: Path, manifest_path: Path, dat
         if params.examples and data_root is not None:
             examples_grid(manifest, Path(data_root), q_ids, q_codes, db_ids, db_codes, params, tmp / "examples.png")
     return metrics
+
+
+def code_structure(q_codes, q_labels, db_codes, db_labels, codewords=None) -> dict:
+    """Where the codes sit, in mean Hamming distances: within a class and across classes (database),
+    and, given the {0, 1} codewords, the queries' nearest-codeword accuracy and distance to their own."""
+    import numpy as np
+
+    from adalabelhash.metrics import class_code_spread, nearest_codeword_classify, own_codeword_distance
+
+    spread = class_code_spread(db_codes, db_labels)
+    out = {"within_class_distance": round(spread["within"], 4), "across_class_distance": round(spread["across"], 4)}
+    if codewords is not None:
+        packed = np.packbits(codewords, axis=1)
+        predicted = nearest_codeword_classify(q_codes, packed)
+        out["query_codeword_accuracy"] = round(float((q_labels[np.arange(len(q_codes)), predicted] > 0).mean()), 6)
+        out["query_codeword_distance"] = round(float(own_codeword_distance(q_codes, packed, q_labels).mean()), 4)
+    return out
 
 
 def _write_curve(path: Path, curve: dict, columns: list[str]) -> None:

@@ -13,6 +13,7 @@ from adalabelhash.codes import pack_bits
 from adalabelhash.errors import UserError
 from adalabelhash.metrics import (
     average_precision,
+    class_code_spread,
     codeword_distance_matrix,
     distance_counts,
     expected_average_precision,
@@ -20,6 +21,7 @@ from adalabelhash.metrics import (
     hamming_distances,
     nearest_class_pairs,
     nearest_codeword_classify,
+    own_codeword_distance,
     retrieval_metrics,
 )
 
@@ -355,3 +357,34 @@ def test_codeword_distances_pairs_and_classification():
         codeword_distance_matrix(np.array([[0.3, -0.2]]))
     with pytest.raises(UserError, match="does not match"):
         nearest_class_pairs(dist, ["a", "b"], 1)
+
+
+def test_own_codeword_distance_takes_the_nearest_own_class():
+    cw = pack_bits(np.array([[0] * 8, [1] * 8, [1, 1, 1, 1, 0, 0, 0, 0]]))
+    images = codes(0b10000000, 0b11111110, 0b11110001)
+    labels = np.array([[1, 0, 0], [1, 0, 0], [0, 1, 1]])
+    # image 1 is 7 bits from its own codeword (class 0) though 1 bit from class 1's; image 2 has
+    # classes 1 and 2: 3 and 1 bits away -> 1
+    assert own_codeword_distance(images, cw, labels).tolist() == [1, 7, 1]
+    with pytest.raises(UserError, match="at least one label"):
+        own_codeword_distance(images, cw, np.array([[1, 0, 0], [0, 0, 0], [0, 1, 0]]))
+    with pytest.raises(UserError, match="3 codewords"):
+        own_codeword_distance(images, cw, labels[:, :2])
+
+
+def test_class_code_spread_matches_brute_force_pairs():
+    rng = np.random.default_rng(3)
+    bits = rng.integers(0, 2, (60, 24))
+    labels = (rng.random((60, 4)) < 0.4).astype(int)
+    labels[:, 3] = 0
+    labels[0, 3] = 1  # a class with one image: no within pair, but it has across pairs
+    packed = pack_bits(bits)
+    spread = class_code_spread(packed, labels)
+    dist = (bits[:, None] != bits[None]).sum(2)
+    within = [dist[np.ix_(m, m)][~np.eye(m.sum(), dtype=bool)].mean() for m in labels[:, :3].T.astype(bool)]
+    across = [dist[np.ix_(labels[:, c] > 0, labels[:, d] > 0)].mean() for c, d in itertools.combinations(range(4), 2)]
+    assert spread == pytest.approx({"within": np.mean(within), "across": np.mean(across)})
+    tight = pack_bits(np.repeat(np.eye(2, 16, dtype=int), 5, axis=0))  # two classes, identical codes inside each
+    assert class_code_spread(tight, np.repeat(np.eye(2, dtype=int), 5, axis=0)) == {"within": 0.0, "across": 2.0}
+    with pytest.raises(UserError, match=">= 2 images"):
+        class_code_spread(packed[:1], labels[:1])

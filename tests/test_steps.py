@@ -130,6 +130,8 @@ def test_evaluate_writes_sane_metrics_curves_and_examples(trained, encoded, tmp_
     for key in ("mAP", "mAP_at_100", "P_at_10", "P_at_100", "P_radius_2", "mAP_stable", "query_codeword_accuracy"):
         assert 0 <= metrics[key] <= 1, key
     assert metrics["mAP"] > 0.3, "3 epochs on digits retrieve far better than chance (0.1)"
+    assert 0 <= metrics["within_class_distance"] < metrics["across_class_distance"] <= 16
+    assert 0 <= metrics["query_codeword_distance"] <= 16
     assert (metrics["queries"], metrics["database"], metrics["bits"]) == (100, 1697, 16)
     assert json.loads((tmp_path / "ev" / "metrics.json").read_text()) == metrics
     pr = (tmp_path / "ev" / "pr_radius.csv").read_text().splitlines()

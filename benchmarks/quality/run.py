@@ -120,7 +120,7 @@ def run(args) -> dict:
         "encode_inference_s": encoded["inference_seconds"], "encode_decode_wait_s": encoded["decode_wait_seconds"],
         "overrides": args.set or [], "mlflow_run_id": ref.run_id,
         **{k: metrics[k] for k in ("mAP", "mAP_stable", "mAP_at_1000", "mAP_at_1000_stable", "P_at_1000",
-                                   "P_radius_2", "query_codeword_accuracy", "queries", "database")},
+                                   "P_radius_2", "queries", "database", *STRUCTURE)},
         "codeword_groups": codewords.get("groups", {}),
         "group_separation": group_separation(work / "codewords" / "distances.csv", params["export_codewords"]["groups"]),
         "nearest_pairs": codewords["nearest_pairs"][:5],
@@ -129,6 +129,34 @@ def run(args) -> dict:
         f.write(json.dumps(row) + "\n")
     print(json.dumps(row, indent=2))
     return row
+
+
+STRUCTURE = ("query_codeword_accuracy", "query_codeword_distance", "within_class_distance", "across_class_distance")
+
+
+def add_code_structure() -> None:
+    """Give recorded rows that lack them the code-structure metrics (components.evaluate.code_structure),
+    from each run's own codes and codewords in runs/; rows whose run directory is gone stay as they are."""
+    import numpy as np
+
+    from adalabelhash.data.manifest import Manifest
+    from adalabelhash.fileio import write_text
+    from components.encode import load_encoded
+    from components.evaluate import code_structure
+
+    rows = [json.loads(line) for line in RESULTS.read_text().splitlines() if line.strip()]
+    for row in rows:
+        work = RUNS / row["run"]
+        if all(k in row for k in STRUCTURE) or not (work / "encode" / "codes.npz").is_file():
+            continue
+        manifest = Manifest.load(RUNS / f"prepare-{row['protocol']}" / "prepare" / "manifest.parquet")
+        ids, codes = load_encoded(work / "encode")
+        labels, query = manifest.label_matrix()[ids], manifest.frame["query"].to_numpy()[ids]
+        database = manifest.frame["database"].to_numpy()[ids]
+        row.update(code_structure(codes[query], labels[query], codes[database], labels[database],
+                                  np.load(work / "codewords" / "codewords.npy")))
+        print(row["run"], {k: row[k] for k in STRUCTURE})
+    write_text(RESULTS, "".join(json.dumps(r) + "\n" for r in rows))
 
 
 def read_distances(distances_csv: Path):
@@ -193,15 +221,17 @@ def table() -> str:
         lines.append(f"| {r['protocol']} | {r['bits']} | {r['method']} | {r['image_size']} | {r['epochs']} | {r['train_minutes']} | "
                      f"{r['mAP']:.4f} | {r['mAP_stable']:.4f} | {r['mAP_at_1000']:.4f} | {r['P_at_1000']:.4f} | "
                      f"{r['P_radius_2']:.4f} | {r['query_codeword_accuracy']:.3f} | {r['run']} |")
-    lines += ["", "| run | mean codeword distance within vehicles | within animals | across | gap (p) | nearest pairs |",
-              "|---|---|---|---|---|---|"]
+    lines += ["", "| run | mean codeword distance within vehicles | within animals | across | gap (p) | nearest pairs "
+                  "| queries to own codeword | codes within a class | across classes |",
+              "|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: (r["protocol"], r["bits"], r["run"])):
         groups = r["codeword_groups"]
         pairs = ", ".join(f"{p['a']}-{p['b']} {p['distance']}" for p in r["nearest_pairs"][:3])
         separation = r.get("group_separation")
         gap = f"{separation['gap']:.2f} ({separation['p_value']:.3f})" if separation else "-"
+        spread = " | ".join(f"{r[k]:.1f}" if k in r else "-" for k in STRUCTURE[1:])
         lines.append(f"| {r['run']} | {groups['within_vehicles']:.1f} | {groups['within_animals']:.1f} | "
-                     f"{groups['across_groups']:.1f} | {gap} | {pairs} |")
+                     f"{groups['across_groups']:.1f} | {gap} | {pairs} | {spread} |")
     return "\n".join(lines)
 
 
@@ -230,6 +260,8 @@ def main() -> None:
     parser.add_argument("--table", action="store_true", help="print the results table (markdown)")
     parser.add_argument("--readme", action="store_true", help="write the tables into README.md (between its table markers)")
     parser.add_argument("--figures", action="store_true", help="write the README figures from runs/ into figures/")
+    parser.add_argument("--code-structure", action="store_true",
+                        help="add the code-structure metrics to recorded rows that lack them (from runs/)")
     args = parser.parse_args()
     if args.table:
         print(table())
@@ -240,8 +272,11 @@ def main() -> None:
     if args.figures:
         figures()
         return
+    if args.code_structure:
+        add_code_structure()
+        return
     if not (args.protocol and args.method and args.bits):
-        parser.error("--protocol, --method and --bits are required (or --table / --readme / --figures)")
+        parser.error("--protocol, --method and --bits are required (or --table / --readme / --figures / --code-structure)")
     if not TARBALL.is_file() and not (REPO / ".cache" / "cifar10").is_dir():
         sys.exit(f"skipped: {TARBALL} is absent (see ../shared/datasets/README.md)")
     run(args)
