@@ -180,6 +180,9 @@ def fit(
                 loss = csq_loss(codes.float(), codewords.float(), labels, config.csq_quantization)
             else:
                 loss = adalabelhash_loss(codes.float(), codewords.float(), labels, margin, config.floor_negatives)
+                if config.centre_pull:  # the hinge stops at the margin; this keeps pulling every bit
+                    centres = torch.where(codewords.detach().float() >= 0, 1.0, -1.0)
+                    loss = loss + config.centre_pull * csq_loss(codes.float(), centres, labels, quantization=0.0)
             if not torch.isfinite(loss):
                 raise UserError(f"training diverged: loss is {loss.item()} at epoch {epoch + 1}; lower lr / head_lr")
             optimizer.zero_grad(set_to_none=True)

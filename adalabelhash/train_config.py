@@ -23,6 +23,7 @@ class TrainConfig:
     margin: float = 1.0  # hinge margin in inner-product units (scores live in [-K, K])
     margin_relative: bool = False  # true: the margin is a fraction of K
     floor_negatives: bool = True  # reference: the hardest negative score is floored at 0
+    centre_pull: float = 0.0  # adalabelhash only: + this x CSQ's BCE towards the binarised own codeword; 0 = reference
     optimizer: Literal["adam", "adamw", "sgd"] = "adam"
     lr: float = 1e-5  # backbone learning rate
     head_lr: Optional[float] = None  # hash layer + codewords; null = lr
@@ -55,6 +56,8 @@ class TrainConfig:
             raise ValueError("patience, lr_decay and weight_decay must be >= 0")
         if self.loss == "csq" and not self.freeze_codewords:
             raise ValueError("loss csq trains towards fixed centres: set freeze_codewords: true (codeword_init hadamard or random)")
+        if not self.centre_pull >= 0 or (self.centre_pull and self.loss != "adalabelhash"):
+            raise ValueError(f"centre_pull must be >= 0, and only with loss adalabelhash (got {self.centre_pull}, loss {self.loss})")
         if self.processes < 1:
             raise ValueError(f"processes must be >= 1, got {self.processes}")
 

@@ -128,3 +128,24 @@ def test_csq_peer_trains_towards_fixed_centres(tiny_train_data):
     assert result.best_value > 0.8
     with pytest.raises(ValueError, match="set freeze_codewords: true"):
         replace(FAST, loss="csq")
+
+
+def test_centre_pull_brings_codes_to_their_own_codeword(tiny_train_data):
+    from adalabelhash.codes import pack_bits
+    from adalabelhash.metrics import own_codeword_distance
+    from adalabelhash.train import encode
+
+    def distance_to_own_codeword(config) -> float:
+        model = fit(config, tiny_train_data).model
+        codes = encode(model, tiny_train_data.train_images, torch.device("cpu"))
+        codewords = model.codewords().detach().numpy()
+        return own_codeword_distance(pack_bits(codes >= 0), pack_bits(codewords >= 0),
+                                     tiny_train_data.train_labels.numpy()).mean()
+
+    reference = distance_to_own_codeword(replace(FAST, epochs=3))
+    pulled = distance_to_own_codeword(replace(FAST, epochs=3, centre_pull=1.0))
+    assert pulled < reference / 2, (pulled, reference)
+    with pytest.raises(ValueError, match="only with loss adalabelhash"):
+        replace(FAST, loss="csq", codeword_init="hadamard", freeze_codewords=True, centre_pull=1.0)
+    with pytest.raises(ValueError, match="centre_pull must be >= 0"):
+        replace(FAST, centre_pull=-1.0)
