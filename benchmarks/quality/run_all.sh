@@ -5,8 +5,8 @@
 #   bash benchmarks/quality/run_all.sh more     # 2-core CPU, protocol II: 16/32/64 bits at 2 epochs, 48 bits at 4: about 2.5 hours
 #   bash benchmarks/quality/run_all.sh r128     # 2-core CPU, protocol I at 48 bits, 128 px for 20 epochs: about 2 hours
 #   bash benchmarks/quality/run_all.sh e8       # 2-core CPU, protocol II at 48 bits, 64 px for 8 epochs: about 2 hours
-#   bash benchmarks/quality/run_all.sh e16      # 2-core CPU, protocol II at 48 bits, 64 px for 16 epochs: about 3 hours
-#   bash benchmarks/quality/run_all.sh tune2    # 2-core CPU, protocol II tuning rows (margins, lr, a network from scratch): about 2 hours
+#   bash benchmarks/quality/run_all.sh e16      # 2-core CPU, protocol II at 48 bits, 64 px for 16 epochs, and AdaLabelHash with centre pull: about 4 hours
+#   bash benchmarks/quality/run_all.sh tune2    # 2-core CPU, protocol II tuning rows (margins, lr, seeds, centre pull, a network from scratch): about 3 hours
 #   bash benchmarks/quality/run_all.sh r160     # 2-core CPU, protocol I at 48 bits, 160 px for 12 epochs (and again with a second seed): about 4 hours
 #   bash benchmarks/quality/run_all.sh gpu      # a CUDA machine, 224 px, protocol I then II (lent_gpu.sh: how it was run here)
 # Arguments after the mode go to each compared run's run.py call (e.g. `-S train.batch_size=256`).
@@ -72,6 +72,8 @@ e16)
     # Protocol II at 48 bits for 16 epochs: the whole 60-minute training budget (8 epochs took 29 min).
     # AdaLabelHash was recorded in one session, the peers in the next (a session fits two of them).
     three_methods --protocol II --bits 48 --epochs 16 --tag e16
+    # AdaLabelHash with its codes pulled onto their own codewords (the e4-pull1 tuning row, below).
+    $run --protocol II --bits 48 --epochs 16 --method adalabelhash -S train.centre_pull=1.0 --tag e16-pull1
     ;;
 tune2)
     # Protocol II at 48 bits: what might close CSQ's lead, 4 epochs each (compare with the e4 rows).
@@ -79,6 +81,11 @@ tune2)
     $run $e4 $margin_075K --tag e4-m075K
     $run $e4 $margin_075K -S train.floor_negatives=false --tag e4-m075K-unfloored
     $run $e4 -S train.lr=0.001 --tag e4-lr1e-3   # the backbone's lr 3.3x (the head's stays 3e-3)
+    # How far a training seed moves a 4-epoch row (the split unchanged).
+    $run $e4 -S train.seed=1 --tag e4-seed1
+    $run --protocol II --bits 48 --epochs 4 --method csq -S train.seed=1 --tag e4-seed1
+    # The hinge plus CSQ's BCE towards each image's binarised own codeword (not the reference loss).
+    $run $e4 -S train.centre_pull=1.0 --tag e4-pull1
     # A ResNet-18 from scratch at 32 px (twice Lite0's images per second at 64 px). AdaLabelHash's
     # run was stopped by hand after 6 of 16 epochs: its loss sat at the margin (README).
     scratch="--protocol II --bits 48 -S train.backbone=resnet18 -S train.pretrained=false -S train.image_size=32 -S train.lr=0.001 --tag scratch-r18"
