@@ -86,6 +86,7 @@ tune2)
     $run --protocol II --bits 48 --epochs 4 --method csq -S train.seed=1 --tag e4-seed1
     # The hinge plus CSQ's BCE towards each image's binarised own codeword (not the reference loss).
     $run $e4 -S train.centre_pull=1.0 --tag e4-pull1
+    $run $e4 -S train.centre_pull=1.0 -S train.margin=0.25 -S train.margin_relative=true --tag e4-pull1-m025K   # and codewords kept apart?
     # A ResNet-18 from scratch at 32 px (twice Lite0's images per second at 64 px). AdaLabelHash's
     # run was stopped by hand after 6 of 16 epochs: its loss sat at the margin (README).
     scratch="--protocol II --bits 48 -S train.backbone=resnet18 -S train.pretrained=false -S train.image_size=32 -S train.lr=0.001 --tag scratch-r18"
