@@ -458,9 +458,10 @@ def nearest_codeword_classify(codes_packed, codewords_packed) -> np.ndarray:
 def own_codeword_distance(codes_packed, codewords_packed, labels) -> np.ndarray:
     """Per image, the Hamming distance to its own class's codeword (multi-label: the nearest of
     its classes' codewords): how far the codes sit from the label space they were trained on."""
-    labels = _check_labels("labels", labels, np.asarray(codes_packed).shape[0])
-    if labels.shape[1] != np.asarray(codewords_packed).shape[0]:
-        raise UserError(f"labels have {labels.shape[1]} classes but there are {np.asarray(codewords_packed).shape[0]} codewords")
+    codes_packed, codewords_packed = _check_codes("codes", codes_packed), _check_codes("codewords", codewords_packed)
+    labels = _check_labels("labels", labels, len(codes_packed))
+    if labels.shape[1] != len(codewords_packed):
+        raise UserError(f"labels have {labels.shape[1]} classes but there are {len(codewords_packed)} codewords")
     if not labels.any(1).all():
         raise UserError("every image needs at least one label to have an own codeword")
     blocks = _codeword_distance_blocks(codes_packed, codewords_packed)

@@ -145,11 +145,14 @@ def add_code_structure() -> None:
     from components.evaluate import code_structure
 
     rows = [json.loads(line) for line in RESULTS.read_text().splitlines() if line.strip()]
+    manifests = {}  # one load per protocol, not per row
     for row in rows:
         work = RUNS / row["run"]
         if all(k in row for k in STRUCTURE) or not (work / "encode" / "codes.npz").is_file():
             continue
-        manifest = Manifest.load(RUNS / f"prepare-{row['protocol']}" / "prepare" / "manifest.parquet")
+        if row["protocol"] not in manifests:
+            manifests[row["protocol"]] = Manifest.load(RUNS / f"prepare-{row['protocol']}" / "prepare" / "manifest.parquet")
+        manifest = manifests[row["protocol"]]
         ids, codes = load_encoded(work / "encode")
         labels, query = manifest.label_matrix()[ids], manifest.frame["query"].to_numpy()[ids]
         database = manifest.frame["database"].to_numpy()[ids]
