@@ -35,6 +35,8 @@ import yaml  # noqa: E402
 RUNS = HERE / "runs"
 RESULTS = HERE / "results.jsonl"
 TARBALL = REPO.parent / "shared" / "datasets" / "cifar10-jpeg.tar.gz"
+# Where the codes sit (components.evaluate.code_structure), recorded with each row.
+STRUCTURE = ("query_codeword_accuracy", "query_codeword_distance", "within_class_distance", "across_class_distance")
 
 
 def merged(*layers: dict) -> dict:
@@ -131,37 +133,6 @@ def run(args) -> dict:
     return row
 
 
-STRUCTURE = ("query_codeword_accuracy", "query_codeword_distance", "within_class_distance", "across_class_distance")
-
-
-def add_code_structure() -> None:
-    """Give recorded rows that lack them the code-structure metrics (components.evaluate.code_structure),
-    from each run's own codes and codewords in runs/; rows whose run directory is gone stay as they are."""
-    import numpy as np
-
-    from adalabelhash.data.manifest import Manifest
-    from adalabelhash.fileio import write_text
-    from components.encode import load_encoded
-    from components.evaluate import code_structure
-
-    rows = [json.loads(line) for line in RESULTS.read_text().splitlines() if line.strip()]
-    manifests = {}  # one load per protocol, not per row
-    for row in rows:
-        work = RUNS / row["run"]
-        if all(k in row for k in STRUCTURE) or not (work / "encode" / "codes.npz").is_file():
-            continue
-        if row["protocol"] not in manifests:
-            manifests[row["protocol"]] = Manifest.load(RUNS / f"prepare-{row['protocol']}" / "prepare" / "manifest.parquet")
-        manifest = manifests[row["protocol"]]
-        ids, codes = load_encoded(work / "encode")
-        labels, query = manifest.label_matrix()[ids], manifest.frame["query"].to_numpy()[ids]
-        database = manifest.frame["database"].to_numpy()[ids]
-        row.update(code_structure(codes[query], labels[query], codes[database], labels[database],
-                                  np.load(work / "codewords" / "codewords.npy")))
-        print(row["run"], {k: row[k] for k in STRUCTURE})
-    write_text(RESULTS, "".join(json.dumps(r) + "\n" for r in rows))
-
-
 def read_distances(distances_csv: Path):
     """export-codewords' distances.csv -> (class names, C x C Hamming distances)."""
     import numpy as np
@@ -232,7 +203,7 @@ def table() -> str:
         pairs = ", ".join(f"{p['a']}-{p['b']} {p['distance']}" for p in r["nearest_pairs"][:3])
         separation = r.get("group_separation")
         gap = f"{separation['gap']:.2f} ({separation['p_value']:.3f})" if separation else "-"
-        spread = " | ".join(f"{r[k]:.1f}" if k in r else "-" for k in STRUCTURE[1:])
+        spread = " | ".join(f"{r[k]:.1f}" for k in STRUCTURE[1:])
         lines.append(f"| {r['run']} | {groups['within_vehicles']:.1f} | {groups['within_animals']:.1f} | "
                      f"{groups['across_groups']:.1f} | {gap} | {pairs} | {spread} |")
     return "\n".join(lines)
@@ -263,8 +234,6 @@ def main() -> None:
     parser.add_argument("--table", action="store_true", help="print the results table (markdown)")
     parser.add_argument("--readme", action="store_true", help="write the tables into README.md (between its table markers)")
     parser.add_argument("--figures", action="store_true", help="write the README figures from runs/ into figures/")
-    parser.add_argument("--code-structure", action="store_true",
-                        help="add the code-structure metrics to recorded rows that lack them (from runs/)")
     args = parser.parse_args()
     if args.table:
         print(table())
@@ -275,11 +244,8 @@ def main() -> None:
     if args.figures:
         figures()
         return
-    if args.code_structure:
-        add_code_structure()
-        return
     if not (args.protocol and args.method and args.bits):
-        parser.error("--protocol, --method and --bits are required (or --table / --readme / --figures / --code-structure)")
+        parser.error("--protocol, --method and --bits are required (or --table / --readme / --figures)")
     if not TARBALL.is_file() and not (REPO / ".cache" / "cifar10").is_dir():
         sys.exit(f"skipped: {TARBALL} is absent (see ../shared/datasets/README.md)")
     run(args)
