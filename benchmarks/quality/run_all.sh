@@ -94,6 +94,7 @@ tune2)
     # when it already scores below 0 (floored, only the own codeword moves): do the codewords stay apart?
     $run $e4 -S train.centre_pull=1.0 -S train.floor_negatives=false --tag e4-pull1-unfloored
     $run $e4 -S train.centre_pull=2.0 --tag e4-pull2   # a stronger pull
+    $run $e4 -S train.centre_pull=4.0 --tag e4-pull4
     # A ResNet-18 from scratch at 32 px (twice Lite0's images per second at 64 px). AdaLabelHash's
     # run was stopped by hand after 6 of 16 epochs: its loss sat at the margin (README).
     scratch="--protocol II --bits 48 -S train.backbone=resnet18 -S train.pretrained=false -S train.image_size=32 -S train.lr=0.001 --tag scratch-r18"
