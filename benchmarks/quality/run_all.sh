@@ -5,7 +5,7 @@
 #   bash benchmarks/quality/run_all.sh more     # 2-core CPU, protocol II: 16/32/64 bits at 2 epochs, 48 bits at 4: about 2.5 hours
 #   bash benchmarks/quality/run_all.sh r128     # 2-core CPU, protocol I at 48 bits, 128 px for 20 epochs: about 2 hours
 #   bash benchmarks/quality/run_all.sh e8       # 2-core CPU, protocol II at 48 bits, 64 px for 8 epochs, and AdaLabelHash with centre pull: about 2.5 hours
-#   bash benchmarks/quality/run_all.sh e16      # 2-core CPU, protocol II at 48 bits, 64 px for 16 epochs, and AdaLabelHash with centre pull: about 4 hours
+#   bash benchmarks/quality/run_all.sh e16      # 2-core CPU, protocol II at 48 bits, 64 px for 16 epochs, and AdaLabelHash with centre pull (weights 1 and 2): about 5-6 hours
 #   bash benchmarks/quality/run_all.sh tune2    # 2-core CPU, protocol II tuning rows (margins, lr, seeds, centre pull, a network from scratch): about 4 hours
 #   bash benchmarks/quality/run_all.sh r160     # 2-core CPU, protocol I at 48 bits, 160 px for 12 epochs (and again with a second seed): about 4 hours
 #   bash benchmarks/quality/run_all.sh gpu      # a CUDA machine, 224 px, protocol I then II (lent_gpu.sh: how it was run here)
@@ -76,6 +76,8 @@ e16)
     three_methods --protocol II --bits 48 --epochs 16 --tag e16
     # AdaLabelHash with its codes pulled onto their own codewords (the e4-pull1 tuning row, below).
     $run --protocol II --bits 48 --epochs 16 --method adalabelhash -S train.centre_pull=1.0 --tag e16-pull1
+    # The same with weight 2, the best 4-epoch pull (e4-pull2): its codewords drew together less.
+    $run --protocol II --bits 48 --epochs 16 --method adalabelhash -S train.centre_pull=2.0 --tag e16-pull2
     ;;
 tune2)
     # Protocol II at 48 bits: what might close CSQ's lead, 4 epochs each (compare with the e4 rows).
