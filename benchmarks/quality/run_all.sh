@@ -4,7 +4,7 @@
 #   bash benchmarks/quality/run_all.sh tune     # 2-core CPU, the tuning rows (protocol I, 48 bits, 64 px, 8 epochs): about 45 minutes
 #   bash benchmarks/quality/run_all.sh more     # 2-core CPU, protocol II: 16/32/64 bits at 2 epochs, 48 bits at 4: about 2.5 hours
 #   bash benchmarks/quality/run_all.sh r128     # 2-core CPU, protocol I at 48 bits, 128 px for 20 epochs: about 2 hours
-#   bash benchmarks/quality/run_all.sh e8       # 2-core CPU, protocol II at 48 bits, 64 px for 8 epochs, and AdaLabelHash with centre pull: about 2.5 hours
+#   bash benchmarks/quality/run_all.sh e8       # 2-core CPU, protocol II at 48 bits, 64 px for 8 epochs, and AdaLabelHash with centre pull (weights 1 and 2): about 3 hours
 #   bash benchmarks/quality/run_all.sh e16      # 2-core CPU, protocol II at 48 bits, 64 px for 16 epochs, and AdaLabelHash with centre pull (weights 1 and 2): about 5-6 hours
 #   bash benchmarks/quality/run_all.sh tune2    # 2-core CPU, protocol II tuning rows (margins, lr, seeds, centre pull, a network from scratch): about 4 hours
 #   bash benchmarks/quality/run_all.sh r160     # 2-core CPU, protocol I at 48 bits, 160 px for 12 epochs (and again with a second seed): about 4 hours
@@ -69,6 +69,7 @@ e8)
     three_methods --protocol II --bits 48 --epochs 8 --tag e8
     # AdaLabelHash with centre pull at the same 8 epochs: ahead of CSQ at 4 epochs, behind at 16.
     $run --protocol II --bits 48 --epochs 8 --method adalabelhash -S train.centre_pull=1.0 --tag e8-pull1
+    $run --protocol II --bits 48 --epochs 8 --method adalabelhash -S train.centre_pull=2.0 --tag e8-pull2
     ;;
 e16)
     # Protocol II at 48 bits for 16 epochs: the whole 60-minute training budget (8 epochs took 29 min).
