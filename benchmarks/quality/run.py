@@ -201,8 +201,8 @@ def table() -> str:
     for r in sorted(rows, key=lambda r: (r["protocol"], r["bits"], r["run"])):
         groups = r["codeword_groups"]
         pairs = ", ".join(f"{p['a']}-{p['b']} {p['distance']}" for p in r["nearest_pairs"][:3])
-        separation = r.get("group_separation")
-        gap = f"{separation['gap']:.2f} ({separation['p_value']:.3f})" if separation else "-"
+        separation = r["group_separation"]
+        gap = f"{separation['gap']:.2f} ({separation['p_value']:.3f})"
         spread = " | ".join(f"{r[k]:.1f}" for k in STRUCTURE[1:])
         lines.append(f"| {r['run']} | {groups['within_vehicles']:.1f} | {groups['within_animals']:.1f} | "
                      f"{groups['across_groups']:.1f} | {gap} | {pairs} | {spread} |")

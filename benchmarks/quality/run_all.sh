@@ -67,7 +67,7 @@ e8)
     # Protocol II at 48 bits for 8 epochs (28-29 min of training each, measured): 2 -> 4 epochs had added
     # 0.04-0.06 mAP to every method with validation mAP still rising at the last epoch.
     three_methods --protocol II --bits 48 --epochs 8 --tag e8
-    # AdaLabelHash with centre pull at the same 8 epochs: ahead of CSQ at 4 epochs, behind at 16.
+    # AdaLabelHash with centre pull at the same 8 epochs (weights 1 and 2: the e4-pull1/e4-pull2 tuning rows).
     $run --protocol II --bits 48 --epochs 8 --method adalabelhash -S train.centre_pull=1.0 --tag e8-pull1
     $run --protocol II --bits 48 --epochs 8 --method adalabelhash -S train.centre_pull=2.0 --tag e8-pull2
     ;;
