@@ -40,6 +40,7 @@ class MlflowParams:
     experiment: str = "adalabelhash"
     # null: $MLFLOW_TRACKING_URI, else MLflow's default (sqlite:///mlflow.db in the working directory)
     tracking_uri: Optional[str] = None
+    run_name: Optional[str] = None  # null: "<backbone>-<bits>bits"; name runs to tell them apart in the UI
 
 
 @dataclass(frozen=True)

@@ -148,7 +148,7 @@ def train_tracked(all_params: dict, manifest_path: Path, data_root: Path, valida
         mlflow_params = tracking.MlflowParams(enabled=False)
     tags = tracking.provenance_tags(fingerprint, source)
     logged = {k: all_params[k] for k in TRACKED_SECTIONS if k in all_params}
-    ref = tracking.start_run(mlflow_params, logged, tags, run_name=f"{params.backbone}-{params.bits}bits")
+    ref = tracking.start_run(mlflow_params, logged, tags, run_name=mlflow_params.run_name or f"{params.backbone}-{params.bits}bits")
     with tracking.step_status(ref):
         tracking.log_artifacts(ref, sorted(Path(validation_dir).glob("*")), "validation")
         summary = train(params, manifest_path, data_root, out_dir, checkpoint_dir, resume, cache_dir,

@@ -79,6 +79,7 @@ def test_mlflow_run_holds_params_curves_artifacts_and_model(project):
     ref = json.loads((root / "build/evaluate/mlflow_run.json").read_text())
     client = MlflowClient(uri, uri)
     run_ = client.get_run(ref["run_id"])
+    assert run_.info.run_name == "small_cnn-32bits"  # mlflow.run_name null: backbone and bits
     params = run_.data.params
     assert params["train.bits"] == "32" and params["prepare.source"] == "digits" and params["evaluate.radius"] == "2"
     assert run_.data.tags["dataset.fingerprint"] == json.loads((root / "build/evaluate/metrics.json").read_text())[
@@ -120,7 +121,8 @@ def test_exp_run_with_64_bits_and_a_promotion_refused(project):
     client = MlflowClient(project["uri"], project["uri"])
     versions = len(client.search_model_versions("name='adalabelhash'"))
     champion = client.get_model_version_by_alias("adalabelhash", "champion").version
-    run(["dvc", "exp", "run", "-S", "train.bits=64", "-S", "promote.min_map=0.99"], root, env)
+    run(["dvc", "exp", "run", "-S", "train.bits=64", "-S", "promote.min_map=0.99", "-S", "mlflow.run_name=wide-codes"],
+        root, env)
     shown = json.loads(run(["dvc", "exp", "show", "--json"], root, env).stdout)
     assert '"bits": 64' in json.dumps(shown)
     metrics = json.loads((root / "build/evaluate/metrics.json").read_text())
@@ -129,6 +131,8 @@ def test_exp_run_with_64_bits_and_a_promotion_refused(project):
     assert not decision["challenger"] and not decision["champion"] and decision["version"] == str(versions + 1)
     assert client.get_model_version_by_alias("adalabelhash", "champion").version == champion  # untouched
     assert client.get_model_version("adalabelhash", decision["version"]).aliases == []
+    run_id = json.loads((root / "build/evaluate/mlflow_run.json").read_text())["run_id"]
+    assert client.get_run(run_id).info.run_name == "wide-codes"  # the name to find it by in the UI
 
 
 def test_metrics_and_offline_plots(project, tmp_path):

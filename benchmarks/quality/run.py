@@ -47,6 +47,11 @@ def merged(*layers: dict) -> dict:
     return out
 
 
+def run_name(args) -> str:
+    """The row's name: its directory under runs/, its results.jsonl `run` and its MLflow run name."""
+    return f"{args.protocol}-{args.method}-{args.bits}-{args.preset}" + (f"-{args.tag}" if args.tag else "")
+
+
 def build_params(args) -> dict:
     from adalabelhash.params import load_params
     from pipelines.cli import apply_overrides
@@ -57,7 +62,7 @@ def build_params(args) -> dict:
     params = merged(base, presets["protocols"][args.protocol], presets["methods"][args.method],
                     presets["presets"][args.preset], {k: presets[k] for k in ("evaluate", "export_codewords")},
                     {"train": {"bits": args.bits, "epochs": args.epochs},
-                     "mlflow": {"experiment": "adalabelhash-cifar10-quality",
+                     "mlflow": {"experiment": "adalabelhash-cifar10-quality", "run_name": run_name(args),
                                 "tracking_uri": os.environ.get("MLFLOW_TRACKING_URI", f"sqlite:///{RUNS / 'mlflow.db'}")}})
     return apply_overrides(params, args.set or [])
 
@@ -95,7 +100,7 @@ def run(args) -> dict:
     params = build_params(args)
     manifest, validation = prepared(params, args.protocol)
     root = Path(params["prepare"]["root"])
-    name = f"{args.protocol}-{args.method}-{args.bits}-{args.preset}" + (f"-{args.tag}" if args.tag else "")
+    name = run_name(args)
     work = RUNS / name
     started = time.perf_counter()
     summary, ref = train_tracked(params, manifest, root, validation, work / "train", work / "checkpoints",
