@@ -5,7 +5,7 @@
 #   bash benchmarks/quality/run_all.sh more     # 2-core CPU, protocol II: 16/32/64 bits at 2 epochs, 48 bits at 4: about 2.5 hours
 #   bash benchmarks/quality/run_all.sh r128     # 2-core CPU, protocol I at 48 bits, 128 px for 20 epochs: about 2 hours
 #   bash benchmarks/quality/run_all.sh e8       # 2-core CPU, protocol II at 48 bits, 64 px for 8 epochs, and AdaLabelHash with centre pull (weights 1 and 2): about 3 hours
-#   bash benchmarks/quality/run_all.sh e16      # 2-core CPU, protocol II at 48 bits, 64 px for 16 epochs, and AdaLabelHash with centre pull (weights 1 and 2): about 5-6 hours
+#   bash benchmarks/quality/run_all.sh e16      # 2-core CPU, protocol II at 48 bits, 64 px for 16 epochs, AdaLabelHash with centre pull (weights 1 and 2), then weight 2 and CSQ with seed 1 side by side: about 7-8 hours
 #   bash benchmarks/quality/run_all.sh tune2    # 2-core CPU, protocol II tuning rows (margins, lr, seeds, centre pull, a network from scratch): about 4 hours
 #   bash benchmarks/quality/run_all.sh r160     # 2-core CPU, protocol I at 48 bits, 160 px for 12 epochs (and again with a second seed): about 4 hours
 #   bash benchmarks/quality/run_all.sh gpu      # a CUDA machine, 224 px, protocol I then II (lent_gpu.sh: how it was run here)
@@ -79,6 +79,13 @@ e16)
     $run --protocol II --bits 48 --epochs 16 --method adalabelhash -S train.centre_pull=1.0 --tag e16-pull1
     # The same with weight 2, the best 4-epoch pull (e4-pull2): its codewords drew together less.
     $run --protocol II --bits 48 --epochs 16 --method adalabelhash -S train.centre_pull=2.0 --tag e16-pull2
+    # Again with training seed 1, weight 2 and CSQ side by side (one thread each, started a minute
+    # apart): does the 0.0015 between them hold? Each run takes ~1.6x as long as alone with two threads.
+    seed1="--protocol II --bits 48 --epochs 16 -S train.seed=1 -S train.threads=1 -S train.decode_threads=1"
+    $run $seed1 --method adalabelhash -S train.centre_pull=2.0 --tag e16-pull2-seed1 &
+    sleep 60
+    $run $seed1 --method csq --tag e16-seed1
+    wait
     ;;
 tune2)
     # Protocol II at 48 bits: what might close CSQ's lead, 4 epochs each (compare with the e4 rows).
