@@ -1,6 +1,8 @@
 """Step `convert-onnx`: model.pt -> model.onnx (one file, dynamic batch) + a bit-parity report.
 
-The exported graph is image in [0, 1] (N, 3, S, S) -> tanh codes (N, K). Parity is checked on
+The exported graph is image in [0, 1] (N, 3, S, S) -> tanh codes (N, K); with `flip_average` the
+graph encodes each image and its mirror and returns the mean code (test-time flip: the same
+input and output, twice the compute), so every consumer of model.onnx gets it. Parity is checked on
 *bits*, the thing retrieval uses: onnxruntime must give the same bit as PyTorch wherever the
 code is clearly away from 0, and nearly everywhere overall. The step fails otherwise.
 """
@@ -26,6 +28,7 @@ class ConvertOnnxParams:
     parity_images: int = 64  # the first N query images of the manifest: a fixed real batch
     min_bit_agreement: float = 0.999  # overall; bits with |code| > confident_margin must all agree
     confident_margin: float = 1e-3
+    flip_average: bool = False  # codes = mean over the image and its mirror; off for data that must not be mirrored
 
     def __post_init__(self):
         if self.parity_images < 2:
@@ -48,6 +51,8 @@ def convert_onnx(params: ConvertOnnxParams, model_path: Path, manifest_path: Pat
 
     loaded = load_model(model_path)
     model, size = loaded.model, loaded.image_size
+    if params.flip_average:
+        model = flip_averaged(model)
     manifest = Manifest.load(manifest_path)
     paths = manifest.files(data_root, "query")[: params.parity_images]
     if len(paths) < 2:
@@ -70,6 +75,7 @@ def convert_onnx(params: ConvertOnnxParams, model_path: Path, manifest_path: Pat
         single = session.run([OUTPUT_NAME], {INPUT_NAME: batch[:1]})[0]
         report = parity_report(reference, ort_codes, params.confident_margin)
         report.update({
+            "flip_average": params.flip_average,
             "images": len(batch),
             "image_size": size,
             "bits": int(reference.shape[1]),
@@ -90,6 +96,22 @@ def convert_onnx(params: ConvertOnnxParams, model_path: Path, manifest_path: Pat
             )
         write_json(tmp / "parity.json", report)
     return report
+
+
+def flip_averaged(model):
+    """model -> a module whose codes are the mean of the image's and its horizontal mirror's."""
+    import torch
+
+    class FlipAveraged(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = model
+
+        def forward(self, images):
+            codes = self.model(torch.cat([images, images.flip(3)]))  # one pass for both halves
+            return (codes[: images.shape[0]] + codes[images.shape[0]:]) / 2
+
+    return FlipAveraged().eval()
 
 
 def export_onnx(model, example, path: Path) -> None:

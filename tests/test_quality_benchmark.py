@@ -62,3 +62,25 @@ def test_readme_without_table_markers_is_refused_and_left_unchanged(quality_run,
     with pytest.raises(SystemExit, match="codewords table"):
         quality_run.write_readme_tables(readme)
     assert readme.read_text() == "<!-- results table: cmd -->\nstale\n<!-- end results table -->\n"
+
+
+def test_from_run_reuses_only_a_model_trained_with_the_same_settings(quality_run, tmp_path, digits_root):
+    from adalabelhash.data.manifest import Manifest
+    from adalabelhash.train_config import TrainConfig
+
+    params = load_params(REPO / "params.yaml")
+    params["prepare"]["root"] = str(digits_root)
+    manifest, _ = quality_run.prepared(params, "digits")
+    identity = TrainConfig(**params["train"]).identity(Manifest.load(manifest).fingerprint())
+    source = tmp_path / "trained"
+    (source / "checkpoints" / identity).mkdir(parents=True)
+    (source / "checkpoints" / identity / "last.pt").write_bytes(b"weights")
+
+    quality_run.reuse_checkpoints(params, manifest, source, tmp_path / "again")
+    assert (tmp_path / "again" / "checkpoints" / identity / "last.pt").read_bytes() == b"weights"
+    with pytest.raises(SystemExit, match="exists"):
+        quality_run.reuse_checkpoints(params, manifest, source, tmp_path / "again")
+    params["train"]["seed"] = 1  # other weights: refused, nothing copied
+    with pytest.raises(SystemExit, match="not trained with these train settings"):
+        quality_run.reuse_checkpoints(params, manifest, source, tmp_path / "other-seed")
+    assert not (tmp_path / "other-seed").exists()

@@ -14,7 +14,7 @@ from adalabelhash.data.manifest import Manifest
 from adalabelhash.errors import UserError
 from adalabelhash.model import load_model
 from adalabelhash.preprocess import load_images, to_model_input
-from components.convert_onnx import parity_report
+from components.convert_onnx import ConvertOnnxParams, convert_onnx, parity_report
 from components.encode import EncodeParams, encode, encode_shards, merge_shards
 from components.evaluate import EvaluateParams, evaluate
 from components.export_codewords import ExportCodewordsParams, export_codewords
@@ -78,6 +78,25 @@ def test_onnx_is_one_file_with_symbolic_batch_and_bit_parity(trained):
     for size in (1, 7):  # any batch size
         codes = session.run(None, {"images": batch[:size]})[0]
         assert np.array_equal(codes >= 0, reference[:size] >= 0)
+
+
+def test_flip_average_onnx_encodes_an_image_and_its_mirror_alike(trained, tmp_path):
+    import onnxruntime as ort
+
+    report = convert_onnx(ConvertOnnxParams(parity_images=16, flip_average=True), trained["model"], trained["manifest"],
+                          trained["root"], tmp_path / "onnx")
+    assert report["passed"] and report["flip_average"]
+    session = ort.InferenceSession(str(tmp_path / "onnx" / "model.onnx"), providers=["CPUExecutionProvider"])
+    paths = [trained["root"] / p for p in Manifest.load(trained["manifest"]).frame["path"][:5]]
+    batch = to_model_input(load_images(paths, 16))
+    with torch.no_grad():
+        model = load_model(trained["model"]).model
+        expected = ((model(torch.from_numpy(batch)) + model(torch.from_numpy(batch).flip(3))) / 2).numpy()
+    codes = session.run(None, {"images": batch})[0]
+    mirrored = session.run(None, {"images": np.ascontiguousarray(batch[..., ::-1])})[0]
+    np.testing.assert_allclose(codes, expected, atol=1e-5)
+    np.testing.assert_allclose(mirrored, codes, atol=1e-5)  # a mirrored image gets the same code
+    assert session.run(None, {"images": batch[:1]})[0].shape == (1, 16)
 
 
 def test_parity_report_flags_disagreeing_bits():

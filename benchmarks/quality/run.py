@@ -8,6 +8,7 @@ them into README.md between its table markers.
 
     python benchmarks/quality/run.py --protocol I --method adalabelhash --bits 48 --epochs 30
     python benchmarks/quality/run.py --protocol II --method csq --bits 48 --preset gpu    # CUDA machine
+    python benchmarks/quality/run.py ... -S convert_onnx.flip_average=true --from-run RUN --tag T  # RUN's model, re-encoded
     python benchmarks/quality/run.py --table
     python benchmarks/quality/run.py --readme
 """
@@ -21,6 +22,7 @@ import json
 import os
 import platform
 import re
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -102,6 +104,8 @@ def run(args) -> dict:
     root = Path(params["prepare"]["root"])
     name = run_name(args)
     work = RUNS / name
+    if args.from_run:
+        reuse_checkpoints(params, manifest, RUNS / args.from_run, work)
     started = time.perf_counter()
     summary, ref = train_tracked(params, manifest, root, validation, work / "train", work / "checkpoints",
                                  cache_dir=REPO / ".cache" / "decoded", source="benchmarks/quality")
@@ -125,7 +129,7 @@ def run(args) -> dict:
         "resumed_from_epoch": summary["resumed_from_epoch"], "encode_minutes": round(encode_seconds / 60, 1),
         "total_minutes": round((time.perf_counter() - started) / 60, 1),
         "encode_inference_s": encoded["inference_seconds"], "encode_decode_wait_s": encoded["decode_wait_seconds"],
-        "overrides": args.set or [], "mlflow_run_id": ref.run_id,
+        "overrides": args.set or [], "from_run": args.from_run, "mlflow_run_id": ref.run_id,
         **{k: metrics[k] for k in ("mAP", "mAP_stable", "mAP_at_1000", "mAP_at_1000_stable", "P_at_1000",
                                    "P_radius_2", "queries", "database", *STRUCTURE)},
         "codeword_groups": codewords.get("groups", {}),
@@ -136,6 +140,23 @@ def run(args) -> dict:
         f.write(json.dumps(row) + "\n")
     print(json.dumps(row, indent=2))
     return row
+
+
+def reuse_checkpoints(params: dict, manifest: Path, source: Path, work: Path) -> None:
+    """Start from `source`'s checkpoints, so that training resumes after its last epoch: the same
+    trained model, taken through other export/convert/encode/evaluate settings without training again.
+    Refused unless `source` was trained with these train settings on this dataset version."""
+    from adalabelhash.data.manifest import Manifest
+    from adalabelhash.params import parse_section
+    from adalabelhash.train_config import TrainConfig
+
+    identity = parse_section(TrainConfig, params["train"], "train").identity(Manifest.load(manifest).fingerprint())
+    checkpoint = source / "checkpoints" / identity / "last.pt"
+    if not checkpoint.is_file():
+        sys.exit(f"--from-run: {checkpoint} not found ({source.name} was not trained with these train settings)")
+    if work.exists():
+        sys.exit(f"--from-run: {work} exists; pick another --tag")
+    shutil.copytree(checkpoint.parent, work / "checkpoints" / identity)
 
 
 def read_distances(distances_csv: Path):
@@ -193,7 +214,7 @@ def figures() -> None:
 def table() -> str:
     """Markdown table of results.jsonl: per protocol and code length, the compared rows first, tuning after."""
     rows = [json.loads(line) for line in RESULTS.read_text().splitlines() if line.strip()]
-    kind = {"r160": 0, "r128": 1, "head": 2, "e16": 3, "e8": 4, "e4": 5, "cheap": 6}
+    kind = {"r160": 0, "r128": 1, "head": 2, "flip": 3, "e16": 3, "e8": 4, "e4": 5, "cheap": 6}
     lines = ["| protocol | bits | method | px | epochs | train min | mAP (tie-aware) | mAP (stable) | mAP@1000 | P@1000 | P r<=2 | codeword acc. | run |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: (r["protocol"], r["bits"], kind.get(r["run"].rsplit("-", 1)[-1], len(kind)), r["run"])):
@@ -236,6 +257,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--tag", help="suffix for the run name (e.g. a tuning variant)")
     parser.add_argument("-S", "--set", action="append", help="params override SECTION.KEY=VALUE (repeatable)")
+    parser.add_argument("--from-run", help="start from this run's checkpoints (same train settings): no training, "
+                                           "its model through the other steps again (e.g. -S convert_onnx.flip_average=true)")
     parser.add_argument("--table", action="store_true", help="print the results table (markdown)")
     parser.add_argument("--readme", action="store_true", help="write the tables into README.md (between its table markers)")
     parser.add_argument("--figures", action="store_true", help="write the README figures from runs/ into figures/")

@@ -6,6 +6,7 @@
 #   bash benchmarks/quality/run_all.sh r128     # 2-core CPU, protocol I at 48 bits, 128 px for 20 epochs: about 2 hours
 #   bash benchmarks/quality/run_all.sh e8       # 2-core CPU, protocol II at 48 bits, 64 px for 8 epochs, and AdaLabelHash with centre pull (weights 1 and 2): about 3 hours
 #   bash benchmarks/quality/run_all.sh e16      # 2-core CPU, protocol II at 48 bits, 64 px for 16 epochs, AdaLabelHash with centre pull (weights 1 and 2), then weight 2 and CSQ with seed 1 side by side: about 7-8 hours
+#   bash benchmarks/quality/run_all.sh flip     # 2-core CPU, the e16 models (centre pull weight 2, CSQ) encoded with test-time flip; CSQ's seed 0 trained again: about 1.2 hours
 #   bash benchmarks/quality/run_all.sh tune2    # 2-core CPU, protocol II tuning rows (margins, lr, seeds, centre pull, a network from scratch): about 4 hours
 #   bash benchmarks/quality/run_all.sh r160     # 2-core CPU, protocol I at 48 bits, 160 px for 12 epochs (and again with a second seed): about 4 hours
 #   bash benchmarks/quality/run_all.sh gpu      # a CUDA machine, 224 px, protocol I then II (lent_gpu.sh: how it was run here)
@@ -87,6 +88,17 @@ e16)
     $run $seed1 --method csq --tag e16-seed1
     wait
     ;;
+flip)
+    # Test-time flip (convert_onnx.flip_average): each image and its mirror encoded, the mean code
+    # binarised. --from-run takes the e16 runs' trained models (no training), CSQ's seed 0 is trained
+    # again (its checkpoints were not kept).
+    e16="--protocol II --bits 48 --epochs 16 -S convert_onnx.flip_average=true"
+    pull2="--method adalabelhash -S train.centre_pull=2.0"
+    $run $e16 $pull2 --from-run II-adalabelhash-48-cpu-e16-pull2 --tag e16-pull2-flip
+    $run $e16 $pull2 -S train.seed=1 --from-run II-adalabelhash-48-cpu-e16-pull2-seed1 --tag e16-pull2-seed1-flip
+    $run $e16 --method csq -S train.seed=1 --from-run II-csq-48-cpu-e16-seed1 --tag e16-seed1-flip
+    $run $e16 --method csq --tag e16-flip
+    ;;
 tune2)
     # Protocol II at 48 bits: what might close CSQ's lead, 4 epochs each (compare with the e4 rows).
     e4="--protocol II --bits 48 --epochs 4 --method adalabelhash"
@@ -122,7 +134,7 @@ cpu)
     done
     ;;
 *)
-    echo "usage: $0 [cpu|tune|more|r128|r160|e8|e16|tune2|gpu]" >&2
+    echo "usage: $0 [cpu|tune|more|r128|r160|e8|e16|flip|tune2|gpu]" >&2
     exit 2
     ;;
 esac
