@@ -6,7 +6,8 @@ vs PyTorch eager encoding throughput on the same images and threads.
 Stage times: a temporary git + DVC copy of the repository, the digits materialised, then
 `dvc repro --single-item <stage>` for each stage in order (CLI start-up included, as a user sees
 it). Encoding: the same decoded images, batch 64, one model exported by the convert-onnx code,
-PyTorch eager (channels_last, no_grad) vs onnxruntime (CPU provider), each at 1 and 2 threads;
+PyTorch eager (channels_last, no_grad) vs onnxruntime (CPU provider), each at 1 and 2 threads,
+and onnxruntime on the same model exported with `convert_onnx.flip_average` (image + mirror);
 interleaved repeats, medians. Prints a table and appends it as JSON to runs/ (git-ignored).
 """
 
@@ -61,7 +62,7 @@ def encoding_throughput(repeats: int) -> list[dict]:
     import torch
 
     from adalabelhash.model import HashModel, ModelConfig
-    from components.convert_onnx import export_onnx
+    from components.convert_onnx import export_onnx, flip_averaged
 
     rng = np.random.default_rng(0)
     rows = []
@@ -69,13 +70,15 @@ def encoding_throughput(repeats: int) -> list[dict]:
         model = HashModel(ModelConfig(backbone, 10, 48), pretrained=pretrained).eval()
         images = rng.random((512, 3, size, size), dtype=np.float32)  # the same input for both engines
         with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / "model.onnx"
+            path, flip_path = Path(tmp) / "model.onnx", Path(tmp) / "flip.onnx"
             export_onnx(model, images[:2], path)
+            export_onnx(flip_averaged(model), images[:2], flip_path)
             for threads in (1, 2):
                 torch.set_num_threads(threads)
                 options = ort.SessionOptions()
                 options.intra_op_num_threads = threads
-                session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+                session, flip_session = (ort.InferenceSession(str(p), options, providers=["CPUExecutionProvider"])
+                                         for p in (path, flip_path))
                 model_cl = model.to(memory_format=torch.channels_last)
 
                 def run_torch():
@@ -83,22 +86,28 @@ def encoding_throughput(repeats: int) -> list[dict]:
                         for start in range(0, len(images), 64):
                             model_cl(torch.from_numpy(images[start:start + 64]).contiguous(memory_format=torch.channels_last))
 
-                def run_ort():
-                    for start in range(0, len(images), 64):
-                        session.run(None, {"images": images[start:start + 64]})
+                def ort_runner(engine):
+                    def run():
+                        for start in range(0, len(images), 64):
+                            engine.run(None, {"images": images[start:start + 64]})
+                    return run
 
-                run_torch(), run_ort()  # warm-up
-                times = {"torch": [], "ort": []}
-                for _ in range(repeats):  # interleaved, so both see the same machine load
-                    for name, fn in (("torch", run_torch), ("ort", run_ort)):
+                engines = {"torch": run_torch, "ort": ort_runner(session), "ort_flip": ort_runner(flip_session)}
+                for fn in engines.values():  # warm-up
+                    fn()
+                times = {name: [] for name in engines}
+                for _ in range(repeats):  # interleaved, so all see the same machine load
+                    for name, fn in engines.items():
                         start = time.perf_counter()
                         fn()
                         times[name].append(time.perf_counter() - start)
                 torch_ips = len(images) / statistics.median(times["torch"])
                 ort_ips = len(images) / statistics.median(times["ort"])
+                flip_ips = len(images) / statistics.median(times["ort_flip"])
                 rows.append({"backbone": backbone, "image_size": size, "threads": threads,
                              "torch_img_per_s": round(torch_ips), "ort_img_per_s": round(ort_ips),
-                             "ort_speedup": round(ort_ips / torch_ips, 2)})
+                             "ort_speedup": round(ort_ips / torch_ips, 2), "ort_flip_img_per_s": round(flip_ips),
+                             "flip_cost": round(ort_ips / flip_ips, 2)})
     return rows
 
 
@@ -114,10 +123,11 @@ def main() -> None:
         result["stage_seconds"] = stage_times()
         print("stage wall time (s):", json.dumps(result["stage_seconds"]))
     result["encoding"] = encoding_throughput(args.repeats)
-    print("| backbone | px | threads | torch eager img/s | onnxruntime img/s | ORT / torch |\n|---|---|---|---|---|---|")
+    print("| backbone | px | threads | torch eager img/s | onnxruntime img/s | ORT / torch | ORT, flip-averaged img/s "
+          "| flip cost |\n|---|---|---|---|---|---|---|---|")
     for r in result["encoding"]:
         print(f"| {r['backbone']} | {r['image_size']} | {r['threads']} | {r['torch_img_per_s']} | {r['ort_img_per_s']} | "
-              f"{r['ort_speedup']}x |")
+              f"{r['ort_speedup']}x | {r['ort_flip_img_per_s']} | {r['flip_cost']}x |")
     result["load_after"] = round(os.getloadavg()[0], 2)
     out = Path(__file__).with_name("runs")
     out.mkdir(exist_ok=True)

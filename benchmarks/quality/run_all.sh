@@ -6,7 +6,7 @@
 #   bash benchmarks/quality/run_all.sh r128     # 2-core CPU, protocol I at 48 bits, 128 px for 20 epochs: about 2 hours
 #   bash benchmarks/quality/run_all.sh e8       # 2-core CPU, protocol II at 48 bits, 64 px for 8 epochs, and AdaLabelHash with centre pull (weights 1 and 2): about 3 hours
 #   bash benchmarks/quality/run_all.sh e16      # 2-core CPU, protocol II at 48 bits, 64 px for 16 epochs, AdaLabelHash with centre pull (weights 1 and 2), then weight 2 and CSQ with seed 1 side by side: about 7-8 hours
-#   bash benchmarks/quality/run_all.sh flip     # 2-core CPU, the e16 models (centre pull weight 2, CSQ) encoded with test-time flip; CSQ's seed 0 trained again: about 1.2 hours
+#   bash benchmarks/quality/run_all.sh flip     # 2-core CPU, the e16 models (centre pull weight 2, CSQ) encoded with test-time flip; CSQ's seed 0 trained again: about 1.6 hours
 #   bash benchmarks/quality/run_all.sh tune2    # 2-core CPU, protocol II tuning rows (margins, lr, seeds, centre pull, a network from scratch): about 4 hours
 #   bash benchmarks/quality/run_all.sh r160     # 2-core CPU, protocol I at 48 bits, 160 px for 12 epochs (and again with a second seed): about 4 hours
 #   bash benchmarks/quality/run_all.sh gpu      # a CUDA machine, 224 px, protocol I then II (lent_gpu.sh: how it was run here)
