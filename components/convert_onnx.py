@@ -108,7 +108,8 @@ def flip_averaged(model):
             self.model = model
 
         def forward(self, images):
-            codes = self.model(torch.cat([images, images.flip(3)]))  # one pass for both halves
+            # One pass for both halves; sliced by the input's size (chunk(2) would fix the exported batch).
+            codes = self.model(torch.cat([images, images.flip(3)]))
             return (codes[: images.shape[0]] + codes[images.shape[0]:]) / 2
 
     return FlipAveraged().eval()
