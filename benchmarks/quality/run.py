@@ -150,6 +150,8 @@ def reuse_checkpoints(params: dict, manifest: Path, source: Path, work: Path) ->
     from adalabelhash.params import parse_section
     from adalabelhash.train_config import TrainConfig
 
+    if not source.is_dir():
+        sys.exit(f"--from-run: no run '{source.name}' in {source.parent}")
     identity = parse_section(TrainConfig, params["train"], "train").identity(Manifest.load(manifest).fingerprint())
     checkpoint = source / "checkpoints" / identity / "last.pt"
     if not checkpoint.is_file():
