@@ -14,6 +14,8 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import platform
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -72,6 +74,7 @@ class FitResult:
     identity: str
     resumed_from_epoch: int = 0
     seconds: float = 0.0
+    hardware: str = "not recorded"
     stopped_early: bool = False
     extra: dict = field(default_factory=dict)
 
@@ -84,6 +87,22 @@ def select_device(name: str = "auto") -> torch.device:
     if name == "cuda" and "LOCAL_RANK" in os.environ:  # one GPU per DDP process
         return torch.device("cuda", int(os.environ["LOCAL_RANK"]))
     return torch.device(name)
+
+
+def describe_hardware(device: torch.device) -> str:
+    """What the epochs ran on. Recorded because the same seed and settings, deterministic on one
+    machine, have trained to different models in different sessions (CPU kernels round differently)."""
+    if device.type == "cuda":
+        return f"cuda: {torch.cuda.get_device_name(device)}"
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        cpuinfo = ""
+    model = re.search(r"^model name\s*:\s*(.+)$", cpuinfo, re.M)
+    flags = re.search(r"^flags\s*:\s*(.+)$", cpuinfo, re.M)
+    amx = " + AMX" if flags and "amx_tile" in flags.group(1).split() else ""
+    name = model.group(1).strip() if model else platform.processor() or platform.machine()
+    return f"cpu: {name}, {torch.get_num_threads()} threads, {torch.backends.cpu.get_cpu_capability()}{amx} kernels"
 
 
 def distributed() -> tuple[int, int]:
@@ -147,12 +166,14 @@ def fit(
     monitor = "val_mAP" if len(data.val_images) else "train_loss"
     val_db = _validation_database(config, data)
 
-    state = {"epoch": 0, "history": [], "best_value": None, "best_epoch": 0, "best_state": None, "finished": False}
+    state = {"epoch": 0, "history": [], "best_value": None, "best_epoch": 0, "best_state": None, "finished": False,
+             "hardware": []}
     checkpoint = Path(checkpoint_dir) / identity / "last.pt" if checkpoint_dir else None
     if checkpoint and resume and checkpoint.exists():
         state = _restore(checkpoint, identity, model, optimizer, scheduler)
         print(f"resuming from {checkpoint} after epoch {state['epoch']}")
     resumed_from = state["epoch"]
+    hardware = describe_hardware(device)
 
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
     from tqdm.auto import tqdm
@@ -163,6 +184,8 @@ def fit(
         if state["finished"]:
             break
         t0 = time.perf_counter()
+        if state["hardware"][-1:] != [hardware]:  # a resume on another machine adds one
+            state["hardware"].append(hardware)
         generator = torch.Generator().manual_seed(config.seed * 1_000_003 + epoch)
         model.train()
         order = torch.randperm(len(data.train_images), generator=generator)[: per_rank * world][rank::world]
@@ -221,6 +244,7 @@ def fit(
         model=model, history=state["history"], best_epoch=state["best_epoch"], monitor=monitor,
         best_value=float(state["best_value"]), identity=identity, resumed_from_epoch=resumed_from,
         seconds=time.perf_counter() - started, stopped_early=state["epoch"] < config.epochs,
+        hardware=", then ".join(state["hardware"]) or "not recorded",
     )
 
 
@@ -381,7 +405,8 @@ def _restore(path: Path, identity: str, model, optimizer, scheduler) -> dict:
     torch.set_rng_state(payload["torch_rng"])
     if payload["cuda_rng"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(payload["cuda_rng"])
-    return {k: payload[k] for k in ("epoch", "history", "best_value", "best_epoch", "best_state", "finished")}
+    state = {k: payload[k] for k in ("epoch", "history", "best_value", "best_epoch", "best_state", "finished")}
+    return {**state, "hardware": payload.get("hardware", [])}  # checkpoints before 2026-11-30 lack it
 
 
 def _tqdm_disable(progress: bool | None) -> bool | None:

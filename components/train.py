@@ -77,6 +77,7 @@ def train(
         "val_images": len(val_images),
         "dataset_fingerprint": manifest.fingerprint(),
         "identity": result.identity,
+        "hardware": result.hardware,
     }
     if distributed()[0] != 0:  # DDP: rank 0 writes the outputs
         return summary
@@ -155,6 +156,7 @@ def train_tracked(all_params: dict, manifest_path: Path, data_root: Path, valida
                         callbacks=(tracking.epoch_logger(ref),))
         tracking.log_metrics(ref, {"best_val_value": summary["best_value"], "best_epoch": summary["best_epoch"],
                                    "train_seconds": summary["seconds"]})
+        tracking.set_tags(ref, {"train.hardware": summary["hardware"]})
         tracking.log_artifacts(ref, [out_dir / n for n in ("history.csv", "curves.png", "train_summary.json")], "train")
     if distributed()[0] == 0:
         ref.save(out_dir)

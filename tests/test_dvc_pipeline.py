@@ -85,6 +85,7 @@ def test_mlflow_run_holds_params_curves_artifacts_and_model(project):
     assert run_.data.tags["dataset.fingerprint"] == json.loads((root / "build/evaluate/metrics.json").read_text())[
         "dataset_fingerprint"]
     assert run_.data.tags["mlflow.source.git.commit"] and run_.data.tags["dataset.data_dvc_md5"]
+    assert run_.data.tags["train.hardware"].startswith("cpu: ")  # what trained it, for comparing runs
     assert len(client.get_metric_history(ref["run_id"], "train_loss")) == 2
     assert {"mAP", "mAP_at_100", "P_radius_2", "onnx_bit_agreement", "codeword_min_distance"} <= set(run_.data.metrics)
     listed = {f.path for d in ("validation", "codewords", "evaluation") for f in client.list_artifacts(ref["run_id"], d)}

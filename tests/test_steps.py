@@ -1,6 +1,7 @@
 """The pipeline steps after validation, run for real on the embedded digits (tiny settings)."""
 
 import json
+import re
 import subprocess
 import sys
 from dataclasses import replace
@@ -30,6 +31,7 @@ def test_train_outputs_model_history_and_curves(trained):
     assert {p.name for p in out.iterdir()} == {"model.pt", "history.csv", "train_summary.json", "curves.png"}
     summary = json.loads((out / "train_summary.json").read_text())
     assert summary["epochs_run"] == 3 and summary["monitor"] == "val_mAP" and 0 < summary["best_value"] <= 1
+    assert re.fullmatch(r"cpu: .+, \d+ threads, \w+( \+ AMX)? kernels", summary["hardware"]), summary["hardware"]
     # every epoch's time (history.csv) adds up to the total a resumed run reports
     epoch_seconds = [float(row.split(",")[-1]) for row in (out / "history.csv").read_text().splitlines()[1:]]
     assert summary["epoch_seconds_total"] == round(sum(epoch_seconds), 2) > 0

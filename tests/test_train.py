@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from adalabelhash.errors import UserError
-from adalabelhash.train import TrainConfig, TrainData, fit, load_checkpoint
+from adalabelhash.train import TrainConfig, TrainData, describe_hardware, fit, load_checkpoint
 
 FAST = TrainConfig(backbone="small_cnn", bits=16, image_size=16, lr=3e-3, epochs=4, batch_size=16, patience=0,
                    val_database_size=64, threads=1)
@@ -87,11 +87,18 @@ def test_killed_run_resumes_to_the_same_weights(tiny_train_data, tmp_path):
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     (last,) = ckpt.glob("*/last.pt")
-    assert load_checkpoint(last)["epoch"] == 2
+    payload = load_checkpoint(last)
+    here = describe_hardware(torch.device("cpu"))
+    assert payload["epoch"] == 2 and payload["hardware"] == [here]
+    payload["hardware"] = ["cpu: the machine that was killed"]  # as if resumed elsewhere
+    torch.save(payload, last)
 
     resumed = fit(config, tiny_train_data, checkpoint_dir=ckpt)
     assert resumed.resumed_from_epoch == 2 and len(resumed.history) == 4
     assert same_weights(weights(resumed.model), uninterrupted)
+    assert resumed.hardware == f"cpu: the machine that was killed, then {here}"
+    # a finished run restored again trains nothing and keeps what trained it
+    assert fit(config, tiny_train_data, checkpoint_dir=ckpt).hardware == resumed.hardware
 
 
 def test_checkpoint_from_another_configuration_is_refused(tiny_train_data, tmp_path):

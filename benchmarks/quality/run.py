@@ -20,7 +20,6 @@ import copy
 import datetime
 import json
 import os
-import platform
 import re
 import shutil
 import sys
@@ -122,7 +121,7 @@ def run(args) -> dict:
                                     manifest, root, work / "evaluate", work / "codewords" / "codewords.npy", ref)
     row = {
         "run": name, "protocol": args.protocol, "method": args.method, "bits": args.bits, "preset": args.preset,
-        "date": datetime.date.today().isoformat(), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+        "date": datetime.date.today().isoformat(), "machine": f"{os.cpu_count()} cores; trained on {summary['hardware']}",
         "backbone": params["train"]["backbone"], "image_size": params["train"]["image_size"],
         "epochs": summary["epochs_run"], "best_epoch": summary["best_epoch"], "val_mAP": summary["best_value"],
         "train_minutes": round(summary["epoch_seconds_total"] / 60, 1),
