@@ -6,7 +6,7 @@
 #   bash benchmarks/quality/run_all.sh r128     # 2-core CPU, protocol I at 48 bits, 128 px for 20 epochs: about 2 hours
 #   bash benchmarks/quality/run_all.sh e8       # 2-core CPU, protocol II at 48 bits, 64 px for 8 epochs, and AdaLabelHash with centre pull (weights 1 and 2): about 3 hours
 #   bash benchmarks/quality/run_all.sh e16      # 2-core CPU, protocol II at 48 bits, 64 px for 16 epochs, AdaLabelHash with centre pull (weights 1 and 2), then weight 2 and CSQ with seed 1 side by side: about 7-8 hours
-#   bash benchmarks/quality/run_all.sh flip     # 2-core CPU, the e16 models (centre pull weight 2, CSQ) encoded with test-time flip; CSQ's seed 0 trained again, the reference loss at 4 epochs with and without: about 2 hours
+#   bash benchmarks/quality/run_all.sh flip     # 2-core CPU, the e16 models (centre pull weight 2, CSQ) encoded with test-time flip; CSQ's seed 0 trained again, the reference loss at 4 and 16 epochs with and without: about 4 hours
 #   bash benchmarks/quality/run_all.sh tune2    # 2-core CPU, protocol II tuning rows (margins, lr, seeds, centre pull, a network from scratch): about 4 hours
 #   bash benchmarks/quality/run_all.sh r160     # 2-core CPU, protocol I at 48 bits, 160 px for 12 epochs (and again with a second seed): about 4 hours
 #   bash benchmarks/quality/run_all.sh gpu      # a CUDA machine, 224 px, protocol I then II (lent_gpu.sh: how it was run here)
@@ -102,6 +102,9 @@ flip)
     # then the same model encoded in one view.
     $run --protocol II --bits 48 --epochs 4 --method adalabelhash -S convert_onnx.flip_average=true --tag e4-flip
     $run --protocol II --bits 48 --epochs 4 --method adalabelhash --from-run II-adalabelhash-48-cpu-e4-flip --tag e4-flip-oneview
+    # The reference loss at 16 epochs, trained again the same way (2026-11-30).
+    $run $e16 --method adalabelhash --tag e16-flip
+    $run --protocol II --bits 48 --epochs 16 --method adalabelhash --from-run II-adalabelhash-48-cpu-e16-flip --tag e16-flip-oneview
     ;;
 tune2)
     # Protocol II at 48 bits: what might close CSQ's lead, 4 epochs each (compare with the e4 rows).
