@@ -105,6 +105,8 @@ flip)
     # The reference loss at 16 epochs, trained again the same way (2026-11-30).
     $run $e16 --method adalabelhash --tag e16-flip
     $run --protocol II --bits 48 --epochs 16 --method adalabelhash --from-run II-adalabelhash-48-cpu-e16-flip --tag e16-flip-oneview
+    # The 4-epoch reference trained a third time, to see whether a session reproduces another's.
+    $run --protocol II --bits 48 --epochs 4 --method adalabelhash --tag e4-repeat
     ;;
 tune2)
     # Protocol II at 48 bits: what might close CSQ's lead, 4 epochs each (compare with the e4 rows).
