@@ -244,7 +244,7 @@ def fit(
         model=model, history=state["history"], best_epoch=state["best_epoch"], monitor=monitor,
         best_value=float(state["best_value"]), identity=identity, resumed_from_epoch=resumed_from,
         seconds=time.perf_counter() - started, stopped_early=state["epoch"] < config.epochs,
-        hardware=", then ".join(state["hardware"]) or "not recorded",
+        hardware=", then ".join(state["hardware"]) or FitResult.hardware,
     )
 
 
