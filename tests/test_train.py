@@ -99,6 +99,11 @@ def test_killed_run_resumes_to_the_same_weights(tiny_train_data, tmp_path):
     assert resumed.hardware == f"cpu: the machine that was killed, then {here}"
     # a finished run restored again trains nothing and keeps what trained it
     assert fit(config, tiny_train_data, checkpoint_dir=ckpt).hardware == resumed.hardware
+    # a checkpoint written before hardware was recorded says so rather than naming this machine
+    payload = load_checkpoint(last)
+    del payload["hardware"]
+    torch.save(payload, last)
+    assert fit(config, tiny_train_data, checkpoint_dir=ckpt).hardware == "not recorded"
 
 
 def test_checkpoint_from_another_configuration_is_refused(tiny_train_data, tmp_path):
