@@ -7,6 +7,7 @@
 #   bash benchmarks/quality/run_all.sh e8       # 2-core CPU, protocol II at 48 bits, 64 px for 8 epochs, and AdaLabelHash with centre pull (weights 1 and 2): about 3 hours
 #   bash benchmarks/quality/run_all.sh e16      # 2-core CPU, protocol II at 48 bits, 64 px for 16 epochs, AdaLabelHash with centre pull (weights 1 and 2), then weight 2 and CSQ with seed 1 side by side: about 7-8 hours
 #   bash benchmarks/quality/run_all.sh flip     # 2-core CPU, the e16 models (centre pull weight 2, CSQ) encoded with test-time flip; CSQ's seed 0 trained again, the reference loss at 4 and 16 epochs with and without: about 4 hours
+#   bash benchmarks/quality/run_all.sh r96      # 2-core CPU, protocol II with the reference loss at 96 px for 8 epochs (the compute of 64 px for 16), encoded with and without test-time flip: about 1.5 hours
 #   bash benchmarks/quality/run_all.sh tune2    # 2-core CPU, protocol II tuning rows (margins, lr, seeds, centre pull, a network from scratch): about 4 hours
 #   bash benchmarks/quality/run_all.sh r160     # 2-core CPU, protocol I at 48 bits, 160 px for 12 epochs (and again with a second seed): about 4 hours
 #   bash benchmarks/quality/run_all.sh gpu      # a CUDA machine, 224 px, protocol I then II (lent_gpu.sh: how it was run here)
@@ -108,6 +109,12 @@ flip)
     # The 4-epoch reference trained a third time, to see whether a session reproduces another's.
     $run --protocol II --bits 48 --epochs 4 --method adalabelhash --tag e4-repeat
     ;;
+r96)
+    # Pixels for epochs on protocol II (2026-11-30): 96 px costs ~2x the time per epoch of 64 px,
+    # so 8 epochs at 96 px cost what 16 do at 64 px (the e16-flip rows).
+    $run --protocol II --bits 48 --epochs 8 --method adalabelhash -S train.image_size=96 -S convert_onnx.flip_average=true --tag r96-e8-flip
+    $run --protocol II --bits 48 --epochs 8 --method adalabelhash -S train.image_size=96 --from-run II-adalabelhash-48-cpu-r96-e8-flip --tag r96-e8-flip-oneview
+    ;;
 tune2)
     # Protocol II at 48 bits: what might close CSQ's lead, 4 epochs each (compare with the e4 rows).
     e4="--protocol II --bits 48 --epochs 4 --method adalabelhash"
@@ -143,7 +150,7 @@ cpu)
     done
     ;;
 *)
-    echo "usage: $0 [cpu|tune|more|r128|r160|e8|e16|flip|tune2|gpu]" >&2
+    echo "usage: $0 [cpu|tune|more|r128|r160|e8|e16|flip|r96|tune2|gpu]" >&2
     exit 2
     ;;
 esac
