@@ -2,6 +2,8 @@
 fits the quality benchmark's time budget, and what caching decoded images saves.
 
     python benchmarks/train_speed/run.py [--repeats 3] [--images 256]
+    python benchmarks/train_speed/run.py --step-variants [--repeats 5]
+
 
 Training: the project's own `fit` (the loop `dvc repro` runs: augmentation, forward, loss,
 backward, AdamW step) for one epoch over synthetic uint8 images, no validation; the number is
@@ -9,6 +11,9 @@ its `train_images_per_s`. Every configuration is measured once per round, rounds
 one warm-up round discarded, medians reported. Decoding: CIFAR-10 JPEGs decoded and resized by
 `load_images` vs the same images read back from the uint8 cache (`load_images_cached`); skipped
 when the shared dataset is absent. Prints a table and appends the result as JSON to runs/.
+`--step-variants` instead times one training step (Lite0, 64 px, batch 64, 2 threads; the
+project's model and loss, AdamW) three ways: eager fp32 (what `fit` runs), bf16 autocast on the
+CPU, and the forward under `torch.compile`; alternated step by step, medians of `--repeats`.
 """
 
 from __future__ import annotations
@@ -75,12 +80,72 @@ def decode_throughput(count: int) -> dict | None:
     return out
 
 
+def step_variants(repeats: int, steps: int = 5) -> dict:
+    """Images per second of a training step: eager fp32, CPU bf16 autocast, torch.compile."""
+    import contextlib
+
+    import torch
+
+    from adalabelhash.loss import adalabelhash_loss
+    from adalabelhash.model import HashModel, ModelConfig
+
+    torch.set_num_threads(2)
+    torch.manual_seed(0)
+    model = HashModel(ModelConfig("efficientnet_lite0", 10, 48), pretrained=True).to(memory_format=torch.channels_last)
+    optimizer = torch.optim.AdamW(model.parameters(), 3e-4)
+    images = torch.rand(64, 3, 64, 64).contiguous(memory_format=torch.channels_last)
+    labels = torch.nn.functional.one_hot(torch.arange(64) % 10, 10).float()
+
+    def forward(batch):
+        return model(batch), model.codewords()
+
+    compiled = torch.compile(forward)
+    variants = {
+        "eager fp32": (forward, contextlib.nullcontext),
+        "bf16 autocast": (forward, lambda: torch.autocast("cpu", dtype=torch.bfloat16)),
+        "torch.compile": (compiled, contextlib.nullcontext),
+    }
+
+    def train_steps(run, precision) -> None:
+        for _ in range(steps):
+            with precision():
+                codes, codewords = run(images)
+            loss = adalabelhash_loss(codes.float(), codewords.float(), labels)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+
+    start = time.perf_counter()
+    train_steps(*variants["torch.compile"])  # compiles (forward and backward graphs)
+    compile_seconds = time.perf_counter() - start
+    samples: dict[str, list[float]] = {name: [] for name in variants}
+    for round_ in range(repeats + 1):
+        for name, variant in variants.items():
+            start = time.perf_counter()
+            train_steps(*variant)
+            if round_:  # round 0 warms up
+                samples[name].append(steps * len(images) / (time.perf_counter() - start))
+    return {"compile_seconds": compile_seconds, "images_per_s": samples}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--images", type=int, default=256, help="training images per measurement (batch 64)")
     parser.add_argument("--decode-images", type=int, default=2000)
+    parser.add_argument("--step-variants", action="store_true", help="only: fp32 vs bf16 autocast vs torch.compile")
     args = parser.parse_args()
+    if args.step_variants:
+        result = step_variants(args.repeats)
+        eager = statistics.median(result["images_per_s"]["eager fp32"])
+        print(f"| training step | img/s (median of {args.repeats}) | vs eager fp32 | runs |")
+        print("|---|---|---|---|")
+        for name, rates in result["images_per_s"].items():
+            median = statistics.median(rates)
+            print(f"| {name} | {median:.1f} | {median / eager:.2f}x | {', '.join(f'{r:.1f}' for r in rates)} |")
+        print(f"torch.compile's first step (compiling): {result['compile_seconds']:.0f} s")
+        _append_result({"step_variants": result, "load_average": os.getloadavg()[0]})
+        return
 
     samples: dict[tuple, list[float]] = {config: [] for config in CONFIGS}
     for round_ in range(args.repeats + 1):
@@ -101,11 +166,14 @@ def main() -> None:
         for key, value in decoding.items():
             print(f"{key}: {value:.0f}")
     print(f"1-min load average after the run: {load:.1f}")
+    _append_result({"rows": rows, "decoding": decoding, "load_average": load})
+
+
+def _append_result(result: dict) -> None:
     runs = Path(__file__).parent / "runs"
     runs.mkdir(exist_ok=True)
     with (runs / "results.jsonl").open("a") as f:
-        f.write(json.dumps({"date": time.strftime("%Y-%m-%d %H:%M"), "rows": rows, "decoding": decoding,
-                            "load_average": load}) + "\n")
+        f.write(json.dumps({"date": time.strftime("%Y-%m-%d %H:%M"), **result}) + "\n")
 
 
 if __name__ == "__main__":
