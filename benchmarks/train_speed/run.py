@@ -4,7 +4,6 @@ fits the quality benchmark's time budget, and what caching decoded images saves.
     python benchmarks/train_speed/run.py [--repeats 3] [--images 256]
     python benchmarks/train_speed/run.py --step-variants [--repeats 5]
 
-
 Training: the project's own `fit` (the loop `dvc repro` runs: augmentation, forward, loss,
 backward, AdamW step) for one epoch over synthetic uint8 images, no validation; the number is
 its `train_images_per_s`. Every configuration is measured once per round, rounds interleaved,
@@ -143,7 +142,7 @@ def main() -> None:
         for name, rates in result["images_per_s"].items():
             median = statistics.median(rates)
             print(f"| {name} | {median:.1f} | {median / eager:.2f}x | {', '.join(f'{r:.1f}' for r in rates)} |")
-        print(f"torch.compile's first step (compiling): {result['compile_seconds']:.0f} s")
+        print(f"torch.compile's first steps, compiling included: {result['compile_seconds']:.0f} s")
         _append_result({"step_variants": result, "load_average": os.getloadavg()[0]})
         return
 
