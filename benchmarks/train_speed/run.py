@@ -87,6 +87,7 @@ def step_variants(repeats: int, steps: int = 5) -> dict:
 
     from adalabelhash.loss import adalabelhash_loss
     from adalabelhash.model import HashModel, ModelConfig
+    from adalabelhash.train import _TrainingForward
 
     torch.set_num_threads(2)
     torch.manual_seed(0)
@@ -95,9 +96,7 @@ def step_variants(repeats: int, steps: int = 5) -> dict:
     images = torch.rand(64, 3, 64, 64).contiguous(memory_format=torch.channels_last)
     labels = torch.nn.functional.one_hot(torch.arange(64) % 10, 10).float()
 
-    def forward(batch):
-        return model(batch), model.codewords()
-
+    forward = _TrainingForward(model)  # fit's own forward: codes and codewords
     compiled = torch.compile(forward)
     variants = {
         "eager fp32": (forward, contextlib.nullcontext),
