@@ -141,11 +141,14 @@ def fit(
     Under torchrun (WORLD_SIZE > 1) every process trains on its own share of each epoch's
     permutation with DDP averaging the gradients; all of them validate (the weights are
     identical, so are their decisions) and only rank 0 checkpoints and calls the callbacks.
+    A resumed run calls the callbacks for the restored epochs first, so its record (the MLflow
+    run's curves) has every epoch, not only those trained since.
     """
     started = time.perf_counter()
     if config.threads:
         torch.set_num_threads(config.threads)
     rank, world = distributed()
+    listeners = callbacks if rank == 0 else ()
     device = select_device(config.device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -172,6 +175,9 @@ def fit(
     if checkpoint and resume and checkpoint.exists():
         state = _restore(checkpoint, identity, model, optimizer, scheduler)
         print(f"resuming from {checkpoint} after epoch {state['epoch']}")
+        for metrics in state["history"]:
+            for callback in listeners:
+                callback(metrics["epoch"], metrics)
     resumed_from = state["epoch"]
     hardware = describe_hardware(device)
 
@@ -235,7 +241,7 @@ def fit(
         if checkpoint and rank == 0:
             _save(checkpoint, identity, model, optimizer, scheduler, state)
         epochs.set_postfix({k: f"{v:.4f}" for k, v in metrics.items() if k in ("train_loss", "val_mAP")})
-        for callback in callbacks if rank == 0 else ():
+        for callback in listeners:
             callback(epoch + 1, metrics)
 
     model.load_state_dict(state["best_state"])

@@ -93,8 +93,10 @@ def test_killed_run_resumes_to_the_same_weights(tiny_train_data, tmp_path):
     payload["hardware"] = ["cpu: the machine that was killed"]  # as if resumed elsewhere
     torch.save(payload, last)
 
-    resumed = fit(config, tiny_train_data, checkpoint_dir=ckpt)
+    logged = []  # what a tracking callback sees: the restored epochs too
+    resumed = fit(config, tiny_train_data, checkpoint_dir=ckpt, callbacks=(lambda epoch, m: logged.append((epoch, m)),))
     assert resumed.resumed_from_epoch == 2 and len(resumed.history) == 4
+    assert logged == [(m["epoch"], m) for m in resumed.history] and [e for e, _ in logged] == [1, 2, 3, 4]
     assert same_weights(weights(resumed.model), uninterrupted)
     assert resumed.hardware == f"cpu: the machine that was killed, then {here}"
     # a finished run restored again trains nothing and keeps what trained it
