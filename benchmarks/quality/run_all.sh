@@ -118,6 +118,7 @@ r96)
     # The peer at the same input size and epochs (started 2026-11-30 at the end of a session: a run
     # stopped part-way resumes from its last epoch's checkpoint when started again).
     $run --protocol II --bits 48 --epochs 8 --method csq -S train.image_size=96 -S convert_onnx.flip_average=true --tag r96-e8-flip
+    $run --protocol II --bits 48 --epochs 8 --method csq -S train.image_size=96 --from-run II-csq-48-cpu-r96-e8-flip --tag r96-e8-flip-oneview
     ;;
 b60)
     # The 60-minute training budget on protocol II (2026-11-30): the r96 configuration with as many
