@@ -119,6 +119,9 @@ r96)
     # stopped part-way resumes from its last epoch's checkpoint when started again).
     $run --protocol II --bits 48 --epochs 8 --method csq -S train.image_size=96 -S convert_onnx.flip_average=true --tag r96-e8-flip
     $run --protocol II --bits 48 --epochs 8 --method csq -S train.image_size=96 --from-run II-csq-48-cpu-r96-e8-flip --tag r96-e8-flip-oneview
+    # AdaLabelHash + centre pull, weight 2 (not the reference loss; level with CSQ at 64 px) the same
+    # way (started 2026-11-30 11:00 UTC at the end of a session, to be resumed).
+    $run --protocol II --bits 48 --epochs 8 --method adalabelhash -S train.image_size=96 -S train.centre_pull=2.0 -S convert_onnx.flip_average=true --tag r96-e8-pull2-flip
     ;;
 b60)
     # The 60-minute training budget on protocol II (2026-11-30): the r96 configuration with as many
