@@ -113,19 +113,21 @@ flip)
 r96)
     # Pixels for epochs on protocol II (2026-11-30): 96 px costs ~2x the time per epoch of 64 px,
     # so 8 epochs at 96 px cost what 16 do at 64 px (the e16-flip rows).
-    $run --protocol II --bits 48 --epochs 8 --method adalabelhash -S train.image_size=96 -S convert_onnx.flip_average=true --tag r96-e8-flip
-    $run --protocol II --bits 48 --epochs 8 --method adalabelhash -S train.image_size=96 --from-run II-adalabelhash-48-cpu-r96-e8-flip --tag r96-e8-flip-oneview
+    r96="--protocol II --bits 48 --epochs 8 -S train.image_size=96"
+    flip="-S convert_onnx.flip_average=true"
+    $run $r96 --method adalabelhash $flip --tag r96-e8-flip
+    $run $r96 --method adalabelhash --from-run II-adalabelhash-48-cpu-r96-e8-flip --tag r96-e8-flip-oneview
     # The peer at the same input size and epochs (started 2026-11-30 at the end of a session: a run
     # stopped part-way resumes from its last epoch's checkpoint when started again).
-    $run --protocol II --bits 48 --epochs 8 --method csq -S train.image_size=96 -S convert_onnx.flip_average=true --tag r96-e8-flip
-    $run --protocol II --bits 48 --epochs 8 --method csq -S train.image_size=96 --from-run II-csq-48-cpu-r96-e8-flip --tag r96-e8-flip-oneview
+    $run $r96 --method csq $flip --tag r96-e8-flip
+    $run $r96 --method csq --from-run II-csq-48-cpu-r96-e8-flip --tag r96-e8-flip-oneview
     # AdaLabelHash + centre pull, weight 2 (not the reference loss; level with CSQ at 64 px) the same
     # way: not run yet (b60 has it side by side at 5 epochs).
-    $run --protocol II --bits 48 --epochs 8 --method adalabelhash -S train.image_size=96 -S train.centre_pull=2.0 -S convert_onnx.flip_average=true --tag r96-e8-pull2-flip
+    $run $r96 --method adalabelhash -S train.centre_pull=2.0 $flip --tag r96-e8-pull2-flip
     ;;
 b60)
     # The 60-minute training budget on protocol II (2026-11-30): the r96 configuration with as many
-    # epochs as fit in 60 min at 579-741 s each (the centre-pull runs' epochs took 738-892 s, 1.17-1.21x CSQ's in either order),
+    # epochs as fit in 60 min (epochs of 579-741 s here; the centre-pull runs' took 738-892 s, 1.17-1.21x CSQ's in either order),
     # and its own cosine schedule over them.
     b60="--protocol II --bits 48 --epochs 5 -S train.image_size=96 -S convert_onnx.flip_average=true"
     $run $b60 --method adalabelhash --tag r96-e5-flip
