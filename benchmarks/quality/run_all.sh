@@ -137,6 +137,13 @@ b60)
     # Both again with training seed 1 (the split unchanged), the centre-pull run first this time.
     $run $b60 --method adalabelhash -S train.centre_pull=2.0 -S train.seed=1 --tag r96-e5-pull2-seed1-flip
     $run $b60 --method csq -S train.seed=1 --tag r96-e5-seed1-flip
+    # On a faster machine (AMD EPYC, 2 cores: 96-px epochs of about 470 s, 2026-11-30): the centre pull
+    # for 4 epochs (inside 60 min on either machine), the reference loss for the 7 that fit 60 min
+    # there, then CSQ for 4 beside the centre pull.
+    faster="--protocol II --bits 48 -S train.image_size=96 -S convert_onnx.flip_average=true"
+    $run $faster --epochs 4 --method adalabelhash -S train.centre_pull=2.0 --tag r96-e4-pull2-flip
+    $run $faster --epochs 7 --method adalabelhash --tag r96-e7-flip
+    $run $faster --epochs 4 --method csq --tag r96-e4-flip
     ;;
 tune2)
     # Protocol II at 48 bits: what might close CSQ's lead, 4 epochs each (compare with the e4 rows).
