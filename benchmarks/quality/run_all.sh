@@ -127,9 +127,10 @@ r96)
     ;;
 b60)
     # The 60-minute training budget on protocol II (2026-11-30): the r96 configuration with as many
-    # epochs as fit in 60 min (epochs of 579-741 s here; the centre-pull runs' took 738-892 s, 1.17-1.21x CSQ's in either order),
-    # and its own cosine schedule over them.
-    b60="--protocol II --bits 48 --epochs 5 -S train.image_size=96 -S convert_onnx.flip_average=true"
+    # epochs as fit in 60 min (epochs of 579-741 s on the Intel machine; the centre-pull runs' took 738-892 s there,
+    # 1.17-1.21x CSQ's in either order), and its own cosine schedule over them.
+    r96_flip="--protocol II --bits 48 -S train.image_size=96 -S convert_onnx.flip_average=true"
+    b60="$r96_flip --epochs 5"
     $run $b60 --method adalabelhash --tag r96-e5-flip
     # The peer and the centre-pull variant (weight 2, not the reference loss) the same way, side by side.
     $run $b60 --method csq --tag r96-e5-flip
@@ -140,10 +141,9 @@ b60)
     # On a faster machine (AMD EPYC, 2 cores: 96-px epochs of about 470 s, 2026-11-30): the centre pull
     # for 4 epochs (inside 60 min on either machine), the reference loss for the 7 that fit 60 min
     # there, then CSQ for 4 beside the centre pull.
-    faster="--protocol II --bits 48 -S train.image_size=96 -S convert_onnx.flip_average=true"
-    $run $faster --epochs 4 --method adalabelhash -S train.centre_pull=2.0 --tag r96-e4-pull2-flip
-    $run $faster --epochs 7 --method adalabelhash --tag r96-e7-flip
-    $run $faster --epochs 4 --method csq --tag r96-e4-flip
+    $run $r96_flip --epochs 4 --method adalabelhash -S train.centre_pull=2.0 --tag r96-e4-pull2-flip
+    $run $r96_flip --epochs 7 --method adalabelhash --tag r96-e7-flip
+    $run $r96_flip --epochs 4 --method csq --tag r96-e4-flip
     ;;
 tune2)
     # Protocol II at 48 bits: what might close CSQ's lead, 4 epochs each (compare with the e4 rows).
