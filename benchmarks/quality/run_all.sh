@@ -144,6 +144,10 @@ b60)
     $run $r96_flip --epochs 4 --method adalabelhash -S train.centre_pull=2.0 --tag r96-e4-pull2-flip
     $run $r96_flip --epochs 7 --method adalabelhash --tag r96-e7-flip
     $run $r96_flip --epochs 4 --method csq --tag r96-e4-flip
+    # The same machine, the next session: 128 px for 4 epochs (the compute of 96 px x 7), then CSQ
+    # for 7 at 96 px beside the 7-epoch reference row.
+    $run --protocol II --bits 48 -S train.image_size=128 -S convert_onnx.flip_average=true --epochs 4 --method adalabelhash --tag r128-e4-flip
+    $run $r96_flip --epochs 7 --method csq --tag r96-e7-flip
     ;;
 tune2)
     # Protocol II at 48 bits: what might close CSQ's lead, 4 epochs each (compare with the e4 rows).
