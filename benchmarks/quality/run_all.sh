@@ -8,7 +8,7 @@
 #   bash benchmarks/quality/run_all.sh e16      # 2-core CPU, protocol II at 48 bits, 64 px for 16 epochs, AdaLabelHash with centre pull (weights 1 and 2), then weight 2 and CSQ with seed 1 side by side: about 7-8 hours
 #   bash benchmarks/quality/run_all.sh flip     # 2-core CPU, the e16 models (centre pull weight 2, CSQ) encoded with test-time flip; CSQ's seed 0 trained again, the reference loss at 4 and 16 epochs with and without: about 4 hours
 #   bash benchmarks/quality/run_all.sh r96      # 2-core CPU, protocol II with the reference loss at 96 px for 8 epochs (the compute of 64 px for 16), encoded with and without test-time flip, then CSQ the same, then AdaLabelHash + centre pull (weight 2): about 4.5 hours
-#   bash benchmarks/quality/run_all.sh b60      # 2-core CPU, protocol II at 96 px for 5 epochs (the 60-minute budget at up to 740 s per epoch; 53.6-65.5 min of training here, 579-892 s per epoch), with test-time flip: the reference loss, CSQ, AdaLabelHash + centre pull, then the last two with seed 1, then three rows on a faster machine; about 7.5 hours
+#   bash benchmarks/quality/run_all.sh b60      # 2-core CPU, protocol II at 96 px for 5 epochs (the 60-minute budget at up to 740 s per epoch; 53.6-65.5 min of training here, 579-892 s per epoch), with test-time flip: the reference loss, CSQ, AdaLabelHash + centre pull, then the last two with seed 1, then five rows on a faster machine (128 px for one); about 9.5 hours
 #   bash benchmarks/quality/run_all.sh tune2    # 2-core CPU, protocol II tuning rows (margins, lr, seeds, centre pull, a network from scratch): about 4 hours
 #   bash benchmarks/quality/run_all.sh r160     # 2-core CPU, protocol I at 48 bits, 160 px for 12 epochs (and again with a second seed): about 4 hours
 #   bash benchmarks/quality/run_all.sh gpu      # a CUDA machine, 224 px, protocol I then II (lent_gpu.sh: how it was run here)
@@ -129,7 +129,8 @@ b60)
     # The 60-minute training budget on protocol II (2026-11-30): the r96 configuration with as many
     # epochs as fit in 60 min (epochs of 579-741 s on the Intel machine; the centre-pull runs' took 738-892 s there,
     # 1.17-1.21x CSQ's in either order), and its own cosine schedule over them.
-    r96_flip="--protocol II --bits 48 -S train.image_size=96 -S convert_onnx.flip_average=true"
+    flip_48="--protocol II --bits 48 -S convert_onnx.flip_average=true"
+    r96_flip="$flip_48 -S train.image_size=96"
     b60="$r96_flip --epochs 5"
     $run $b60 --method adalabelhash --tag r96-e5-flip
     # The peer and the centre-pull variant (weight 2, not the reference loss) the same way, side by side.
@@ -146,7 +147,7 @@ b60)
     $run $r96_flip --epochs 4 --method csq --tag r96-e4-flip
     # The same machine, the next session: 128 px for 4 epochs (the compute of 96 px x 7), then CSQ
     # for 7 at 96 px beside the 7-epoch reference row.
-    $run --protocol II --bits 48 -S train.image_size=128 -S convert_onnx.flip_average=true --epochs 4 --method adalabelhash --tag r128-e4-flip
+    $run $flip_48 -S train.image_size=128 --epochs 4 --method adalabelhash --tag r128-e4-flip
     $run $r96_flip --epochs 7 --method csq --tag r96-e7-flip
     ;;
 tune2)
