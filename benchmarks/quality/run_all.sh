@@ -8,7 +8,7 @@
 #   bash benchmarks/quality/run_all.sh e16      # 2-core CPU, protocol II at 48 bits, 64 px for 16 epochs, AdaLabelHash with centre pull (weights 1 and 2), then weight 2 and CSQ with seed 1 side by side: about 7-8 hours
 #   bash benchmarks/quality/run_all.sh flip     # 2-core CPU, the e16 models (centre pull weight 2, CSQ) encoded with test-time flip; CSQ's seed 0 trained again, the reference loss at 4 and 16 epochs with and without: about 4 hours
 #   bash benchmarks/quality/run_all.sh r96      # 2-core CPU, protocol II with the reference loss at 96 px for 8 epochs (the compute of 64 px for 16), encoded with and without test-time flip, then CSQ the same, then AdaLabelHash + centre pull (weight 2): about 4.5 hours
-#   bash benchmarks/quality/run_all.sh b60      # 2-core CPU, protocol II at 96 px for 5 epochs (the 60-minute budget at up to 740 s per epoch; 53.6-65.5 min of training here, 579-892 s per epoch), with test-time flip: the reference loss, CSQ, AdaLabelHash + centre pull, then the last two with seed 1, then six rows on a faster machine (128 px for one); about 10.5 hours
+#   bash benchmarks/quality/run_all.sh b60      # 2-core CPU, protocol II at 96 px for 5 epochs (the 60-minute budget at up to 740 s per epoch; 53.6-65.5 min of training here, 579-892 s per epoch), with test-time flip: the reference loss, CSQ, AdaLabelHash + centre pull, then the last two with seed 1, then seven rows on a faster machine (128 px for one); about 11.5 hours
 #   bash benchmarks/quality/run_all.sh tune2    # 2-core CPU, protocol II tuning rows (margins, lr, seeds, centre pull, a network from scratch): about 4 hours
 #   bash benchmarks/quality/run_all.sh r160     # 2-core CPU, protocol I at 48 bits, 160 px for 12 epochs (and again with a second seed): about 4 hours
 #   bash benchmarks/quality/run_all.sh gpu      # a CUDA machine, 224 px, protocol I then II (lent_gpu.sh: how it was run here)
@@ -149,8 +149,10 @@ b60)
     # for 7 at 96 px beside the 7-epoch reference row.
     $run $flip_48 -S train.image_size=128 --epochs 4 --method adalabelhash --tag r128-e4-flip
     $run $r96_flip --epochs 7 --method csq --tag r96-e7-flip
-    # The same machine, a third session: the centre pull for 7 epochs beside the reference loss and CSQ.
+    # The same machine, a third session: the centre pull and frozen codewords for 7 epochs beside the
+    # reference loss and CSQ.
     $run $r96_flip --epochs 7 --method adalabelhash -S train.centre_pull=2.0 --tag r96-e7-pull2-flip
+    $run $r96_flip --epochs 7 --method frozen $margin_075K --tag r96-e7-flip
     ;;
 tune2)
     # Protocol II at 48 bits: what might close CSQ's lead, 4 epochs each (compare with the e4 rows).
