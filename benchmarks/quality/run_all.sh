@@ -139,20 +139,16 @@ b60)
     # Both again with training seed 1 (the split unchanged), the centre-pull run first this time.
     $run $b60 --method adalabelhash -S train.centre_pull=2.0 -S train.seed=1 --tag r96-e5-pull2-seed1-flip
     $run $b60 --method csq -S train.seed=1 --tag r96-e5-seed1-flip
-    # On a faster machine (AMD EPYC, 2 cores: 96-px epochs of about 470 s, 2026-11-30): the centre pull
-    # for 4 epochs (inside 60 min on either machine), the reference loss for the 7 that fit 60 min
-    # there, then CSQ for 4 beside the centre pull.
-    $run $r96_flip --epochs 4 --method adalabelhash -S train.centre_pull=2.0 --tag r96-e4-pull2-flip
-    $run $r96_flip --epochs 7 --method adalabelhash --tag r96-e7-flip
-    $run $r96_flip --epochs 4 --method csq --tag r96-e4-flip
-    # The same machine, the next session: 128 px for 4 epochs (the compute of 96 px x 7), then CSQ
-    # for 7 at 96 px beside the 7-epoch reference row.
-    $run $flip_48 -S train.image_size=128 --epochs 4 --method adalabelhash --tag r128-e4-flip
-    $run $r96_flip --epochs 7 --method csq --tag r96-e7-flip
-    # The same machine, a third session: the centre pull and frozen codewords for 7 epochs beside the
-    # reference loss and CSQ.
+    # On a faster machine (AMD EPYC, 2 cores: 96-px epochs of about 470 s; three sessions on
+    # 2026-11-30): the three methods for the 7 epochs that fit 60 min there and the centre pull
+    # beside them (recorded in the order AdaLabelHash, CSQ, centre pull, frozen; the order does not
+    # change a result), the centre pull and CSQ for 4 epochs (inside 60 min on either machine), and
+    # the reference loss at 128 px for 4 epochs (the compute of 96 px x 7).
+    three_methods $r96_flip --epochs 7 --tag r96-e7-flip
     $run $r96_flip --epochs 7 --method adalabelhash -S train.centre_pull=2.0 --tag r96-e7-pull2-flip
-    $run $r96_flip --epochs 7 --method frozen $margin_075K --tag r96-e7-flip
+    $run $r96_flip --epochs 4 --method adalabelhash -S train.centre_pull=2.0 --tag r96-e4-pull2-flip
+    $run $r96_flip --epochs 4 --method csq --tag r96-e4-flip
+    $run $flip_48 -S train.image_size=128 --epochs 4 --method adalabelhash --tag r128-e4-flip
     ;;
 tune2)
     # Protocol II at 48 bits: what might close CSQ's lead, 4 epochs each (compare with the e4 rows).
