@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "convert-onnx": ("components.convert_onnx", "export model.onnx and check bit parity"),
     "encode": ("components.encode", "bulk-encode query/database images with onnxruntime"),
     "evaluate": ("components.evaluate", "retrieval metrics, PR curves, example grid"),
+    "score-champion": ("components.score_champion", "re-score the current @champion on this run's data"),
     "promote": ("components.promote", "register the model and gate aliases on mAP"),
     "search": ("components.search", "find the nearest database images for query images"),
     "kfp": ("pipelines.cli", "compile, run locally, submit or schedule the Kubeflow pipeline"),

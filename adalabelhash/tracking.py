@@ -89,8 +89,12 @@ def client(ref_or_uri: RunRef | str):
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
-def reachable(call: Callable, what: str, uri: str):
-    """Run an MLflow call; a dead server or a refused request becomes one clear line."""
+def reachable(call: Callable, what: str, uri: str, write: bool = False):
+    """Run an MLflow call; a dead server or a refused request becomes one clear line.
+
+    `write`: the call changes the registry. When the server stops answering mid-call nobody knows
+    whether it took effect, and the message says so instead of claiming it failed.
+    """
     from mlflow.exceptions import MlflowException
     from requests.exceptions import RequestException
 
@@ -98,7 +102,21 @@ def reachable(call: Callable, what: str, uri: str):
         return call()
     except (MlflowException, RequestException, OSError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
+        if write and _no_answer(exc):
+            raise UserError(f"MLflow at {uri}: {what}: no answer from the server, so it may or may not have taken "
+                            f"effect ({first[:200]}); run promote again to re-apply the gate") from None
         raise UserError(f"MLflow at {uri}: {what} failed: {first[:300]}") from None
+
+
+def _no_answer(exc: Exception) -> bool:
+    """A lost connection (the request may have been applied), not an answer refusing it."""
+    from requests.exceptions import ConnectionError, Timeout
+
+    if isinstance(exc, (ConnectionError, Timeout)):
+        return True
+    text = str(exc)
+    return any(marker in text for marker in ("Max retries exceeded", "Connection aborted", "RemoteDisconnected",
+                                             "Connection refused", "Read timed out"))
 
 
 def start_run(params: MlflowParams, all_params: dict, tags: dict[str, str], run_name: str) -> RunRef:

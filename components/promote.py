@@ -2,12 +2,17 @@
 
 Gate (aliases only; registry stages are deprecated):
   challenger  mAP >= min_map
-  champion    challenger, and mAP >= (current @champion's mAP) + min_gain on the same dataset
-              version, or there is no champion yet; and mode is `enabled`
-`dry_run` decides and reports but changes nothing in the registry. The champion alias is the
-last thing that moves, after the current champion is read again and compared once more, so
-an error anywhere before it (server gone, bad metrics file) leaves the previous champion in
-place, and of two racing promotions the weaker one backs off.
+  champion    challenger, and mAP >= (the current @champion's mAP re-scored on this run's data by
+              the score-champion step) + min_gain, or there is no champion yet; mode `enabled`
+`dry_run` decides and reports but changes nothing in the registry.
+
+One model, one version: promoting the same run's model again (e.g. `dvc exp run -S
+promote.min_gain=0.01`) re-applies the gate to its existing version instead of registering a copy;
+a version that no longer passes gives its aliases back. The champion alias moves last, after the
+current champion is read again: if it is no longer the version that was re-scored (another
+promotion moved it), this run's scores are not comparable and the champion stays. Gate tags are
+written after the aliases moved and say what the aliases say; a promotion cut off half-way (server
+gone) is reconciled by the next one.
 """
 
 from __future__ import annotations
@@ -38,7 +43,11 @@ class PromoteParams:
 
 
 def decide(params: PromoteParams, value: float, dataset: str, champion: dict | None) -> dict:
-    """The gate as a pure function: which aliases this version earns, and why."""
+    """The gate as a pure function: which aliases this version earns, and why.
+
+    `champion`: None (there is none), or the score-champion step's numbers: `version`, `value` (its
+    metric re-scored on dataset `dataset`), `recorded` (its metric on its own data, for the record).
+    """
     reasons = []
     challenger = value >= params.min_map
     reasons.append(f"{params.metric} {value:.4f} {'>=' if challenger else '<'} min_map {params.min_map}")
@@ -48,13 +57,15 @@ def decide(params: PromoteParams, value: float, dataset: str, champion: dict | N
             champion_ok = True
             reasons.append("no current champion")
         elif champion["dataset"] != dataset:
-            reasons.append(f"champion v{champion['version']} was evaluated on dataset {champion['dataset'][:12]}, "
-                           f"this one on {dataset[:12]}: not comparable, champion kept")
+            reasons.append(f"champion v{champion['version']} was re-scored on dataset {champion['dataset'][:12]}, "
+                           f"this model evaluated on {dataset[:12]}: not comparable, champion kept")
         else:
             needed = champion["value"] + params.min_gain
             champion_ok = value >= needed
+            recorded = champion.get("recorded")
+            own = "" if recorded is None else f", {recorded:.4f} on its own data"
             reasons.append(f"{params.metric} {value:.4f} {'>=' if champion_ok else '<'} champion v{champion['version']} "
-                           f"{champion['value']:.4f} + min_gain {params.min_gain}")
+                           f"{champion['value']:.4f} re-scored on this data{own}, + min_gain {params.min_gain}")
     if params.mode == "dry_run":
         reasons.append("dry_run: registry left unchanged")
     return {
@@ -65,11 +76,27 @@ def decide(params: PromoteParams, value: float, dataset: str, champion: dict | N
     }
 
 
-def promote(params: PromoteParams, metrics_path: Path, ref, out_dir: Path) -> dict:
-    """Register `ref.model_uri` as a new version, apply the gate, write decision.json."""
+def scored_champion(score: dict) -> dict | None:
+    """score.json of the score-champion step -> decide()'s `champion` (None: there was none)."""
+    from adalabelhash.errors import UserError
+
+    if score.get("version") is None:
+        return None
+    if not isinstance(score.get("value"), (int, float)) or not isinstance(score.get("dataset_fingerprint"), str):
+        raise UserError(f"champion score of v{score['version']} has no value or dataset: run score-champion again")
+    return {"version": str(score["version"]), "value": float(score["value"]),
+            "recorded": (score.get("champion") or {}).get("recorded"), "dataset": score["dataset_fingerprint"]}
+
+
+def promote(params: PromoteParams, metrics_path: Path, ref, out_dir: Path, score: dict) -> dict:
+    """Register `ref.model_uri` (or find its version), apply the gate, write decision.json.
+
+    `score`: the score-champion step's score.json (the champion re-scored on this run's data).
+    """
     from adalabelhash import tracking
     from adalabelhash.errors import UserError
     from adalabelhash.fileio import read_json, write_json
+    from components.score_champion import champion_version
 
     metrics = read_json(metrics_path)
     value = metrics.get(params.metric)
@@ -81,60 +108,137 @@ def promote(params: PromoteParams, metrics_path: Path, ref, out_dir: Path) -> di
     if ref.run_id is None or ref.model_uri is None:
         raise UserError("promote needs MLflow: the run has no logged ONNX model (is mlflow.enabled false?)")
 
-    client = tracking.client(ref)
-    uri = ref.tracking_uri
-    champion = tracking.reachable(lambda: _champion(client, params), "reading the champion", uri)
+    champion = scored_champion(score)
     decision = decide(params, float(value), dataset, champion)
-    run = tracking.reachable(lambda: client.get_run(ref.run_id), "reading the run", uri)
-    tags = {
-        params.metric: f"{value:.6f}",
-        "bits": str(metrics.get("bits")),
-        "dataset.fingerprint": dataset,
-        "git.commit": run.data.tags.get("mlflow.source.git.commit", "unknown"),
-        "run_id": ref.run_id,
-        **{k: f"{v:.6f}" for k, v in metrics.items() if k.startswith("mAP_at_") and isinstance(v, float)},
-    }
+    client, uri, name = tracking.client(ref), ref.tracking_uri, params.model_name
+    reachable = tracking.reachable
+    existing = reachable(lambda: _version_of_model(client, name, ref.model_uri), "looking up this model's version", uri)
+    current = reachable(lambda: champion_version(client, name), "reading the champion", uri)
     result = {
-        "model_name": params.model_name,
-        "version": None,
+        "model_name": name,
+        "version": existing,
         "metric": params.metric,
         "value": float(value),
         "dataset": dataset,
-        "champion_before": champion,
+        "champion_before": None if current is None else str(current.version),
+        "compared_with": champion,
         **decision,
         "params": asdict(params),
     }
+    if decision["champion"] and not _still_comparable(current, champion, existing):
+        _not_comparable(result, current)
     if decision["applied"]:
-        version = tracking.reachable(lambda: _register(client, params.model_name, ref, tags), "registering the model", uri)
-        result["version"] = version
-        decision_tags = {"gate.challenger": decision["challenger"], "gate.champion": decision["champion"],
-                         "gate.reasons": " | ".join(decision["reasons"])}
-        tracking.reachable(lambda: [client.set_model_version_tag(params.model_name, version, k, str(v))
-                                    for k, v in decision_tags.items()], "tagging the version", uri)
-        if decision["challenger"]:
-            tracking.reachable(lambda: client.set_registered_model_alias(params.model_name, CHALLENGER, version),
-                               "setting @challenger", uri)
-        if decision["champion"]:
-            result["champion"] = tracking.reachable(
-                lambda: _move_champion(client, params, version, float(value), dataset, result), "moving @champion", uri)
+        reachable(lambda: _reconcile(client, name), "reconciling gate tags with aliases", uri)
+        run = reachable(lambda: client.get_run(ref.run_id), "reading the run", uri)
+        tags = {
+            params.metric: f"{value:.6f}",
+            "bits": str(metrics.get("bits")),
+            "dataset.fingerprint": dataset,
+            "git.commit": run.data.tags.get("mlflow.source.git.commit", "unknown"),
+            "run_id": ref.run_id,
+            **{k: f"{v:.6f}" for k, v in metrics.items() if k.startswith("mAP_at_") and isinstance(v, float)},
+        }
+        if existing is None:
+            result["version"] = reachable(lambda: _register(client, name, ref, tags), "registering the model", uri, write=True)
+        else:
+            result["reasons"].append(f"this model is already v{existing}: gate re-applied to it, nothing registered")
+        version = result["version"]
+        reachable(lambda: _apply_aliases(client, params, version, champion, result), "moving the aliases", uri, write=True)
+        reachable(lambda: _write_gate_tags(client, name, version, champion, result), "tagging the version", uri, write=True)
+        reachable(lambda: _reconcile(client, name), "tagging the other versions", uri, write=True)
     write_json(Path(out_dir) / "decision.json", result)
     return result
 
 
-def _champion(client, params: PromoteParams) -> dict | None:
+def _still_comparable(current, champion: dict | None, own_version: str | None) -> bool:
+    """Is @champion still the version that was re-scored (or already this model's own version)?"""
+    now = None if current is None else str(current.version)
+    if own_version is not None and now == own_version:
+        return True
+    return now == (None if champion is None else champion["version"])
+
+
+def _not_comparable(result: dict, current) -> None:
+    scored = result["compared_with"]
+    now = "no champion" if current is None else f"v{current.version}"
+    result["champion"] = False
+    result["reasons"].append(f"@champion is {now} now, not the {'no champion' if scored is None else 'v' + scored['version']} "
+                             "this model was compared with: not comparable, champion kept (run again to re-score)")
+
+
+def _apply_aliases(client, params: PromoteParams, version: str, champion: dict | None, result: dict) -> None:
+    """Aliases as the decision says, champion last; a version that no longer passes gives them back."""
+    from components.score_champion import champion_version
+
+    name = params.model_name
+    holds = set(client.get_model_version(name, version).aliases)
+    if result["challenger"]:
+        client.set_registered_model_alias(name, CHALLENGER, version)
+    elif CHALLENGER in holds:
+        client.delete_registered_model_alias(name, CHALLENGER)
+    current = champion_version(client, name)  # read again: another promotion may have moved it
+    if result["champion"]:
+        if not _still_comparable(current, champion, version):
+            _not_comparable(result, current)
+        elif current is None or str(current.version) != version:
+            client.set_registered_model_alias(name, CHAMPION, version)
+    elif current is not None and str(current.version) == version:
+        # promoted before, refused now (e.g. a higher min_gain): the champion it was compared with returns
+        if champion is not None:
+            client.set_registered_model_alias(name, CHAMPION, champion["version"])
+            result["reasons"].append(f"@champion moved back from v{version} to v{champion['version']}")
+        else:
+            client.delete_registered_model_alias(name, CHAMPION)
+            result["reasons"].append(f"@champion removed from v{version}")
+
+
+def _write_gate_tags(client, name: str, version: str, champion: dict | None, result: dict) -> None:
+    """After the aliases: gate.champion says whether the version holds @champion now, read back."""
+    holds = set(client.get_model_version(name, version).aliases)
+    result["champion"] = CHAMPION in holds
+    tags = {"gate.challenger": result["challenger"], "gate.champion": CHAMPION in holds,
+            "gate.reasons": " | ".join(result["reasons"]),
+            "gate.compared_with": "" if champion is None else champion["version"]}
+    if champion is not None:
+        tags["gate.champion_rescored"] = f"{champion['value']:.6f}"
+        tags["gate.champion_recorded"] = "" if champion.get("recorded") is None else f"{champion['recorded']:.6f}"
+    for key, value in tags.items():
+        client.set_model_version_tag(name, version, key, str(value))
+
+
+def _reconcile(client, name: str) -> None:
+    """Every version's gate.champion tag made to say whether it holds @champion: after this promotion
+    moved the alias, and before the next one (an interrupted promotion may have left it untrue)."""
     from mlflow.exceptions import MlflowException
 
     try:
-        version = client.get_model_version_by_alias(params.model_name, CHAMPION)
+        champion = str(client.get_registered_model(name).aliases.get(CHAMPION))  # search results carry no aliases
+        versions = client.search_model_versions(f"name='{name}'")
     except MlflowException as exc:
-        if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return
+        raise
+    for version in versions:
+        holds = str(str(version.version) == champion)
+        if version.tags.get("gate.champion", holds) != holds:
+            client.set_model_version_tag(name, version.version, "gate.champion", holds)
+
+
+def _version_of_model(client, name: str, model_uri: str) -> str | None:
+    """The registry version already made from this logged model, if any (one model, one version)."""
+    from mlflow.exceptions import MlflowException
+
+    from components.score_champion import model_id, model_id_of_uri
+
+    wanted = model_id_of_uri(model_uri)
+    try:
+        versions = client.search_model_versions(f"name='{name}'")
+    except MlflowException as exc:
+        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
             return None
         raise
-    return {
-        "version": str(version.version),
-        "value": float(version.tags.get(params.metric, "nan")),
-        "dataset": version.tags.get("dataset.fingerprint", ""),
-    }
+    matches = [v for v in versions if (wanted and model_id(v) == wanted) or v.source == model_uri]
+    return str(min(int(v.version) for v in matches)) if matches else None
 
 
 def _register(client, name: str, ref, tags: dict) -> str:
@@ -146,31 +250,31 @@ def _register(client, name: str, ref, tags: dict) -> str:
         if exc.error_code != "RESOURCE_ALREADY_EXISTS":
             raise
     # MLflow 3 logged models live at models:/<model_id>; the server wants the id said explicitly
-    model_id = ref.model_uri.split("/", 1)[1] if ref.model_uri.startswith("models:/m-") else None
-    version = client.create_model_version(name, ref.model_uri, run_id=ref.run_id, tags=tags, model_id=model_id)
+    from components.score_champion import model_id_of_uri
+
+    version = client.create_model_version(name, ref.model_uri, run_id=ref.run_id, tags=tags,
+                                          model_id=model_id_of_uri(ref.model_uri))
     return str(version.version)
 
 
-def _move_champion(client, params: PromoteParams, version: str, value: float, dataset: str, result: dict) -> bool:
-    """Compare with the champion as it is *now* (another promotion may have moved it), then move."""
-    current = _champion(client, params)
-    again = decide(params, value, dataset, current)
-    if not again["champion"]:
-        result["reasons"].append(f"champion changed to v{current['version']} meanwhile: " + again["reasons"][-1])
-        client.set_model_version_tag(params.model_name, version, "gate.champion", "False")
-        return False
-    client.set_registered_model_alias(params.model_name, CHAMPION, version)
-    return True
-
-
-def promote_tracked(params: PromoteParams, metrics_path: Path, upstream, out_dir: Path) -> dict:
+def promote_tracked(params: PromoteParams, metrics_path: Path, upstream, out_dir: Path, score: dict) -> dict:
+    """promote(), then the run says what happened: decision, version, and both numbers on the same data."""
     from adalabelhash import tracking
 
     ref = upstream if isinstance(upstream, tracking.RunRef) else tracking.RunRef.load(upstream)
-    result = promote(params, metrics_path, ref, out_dir)
-    tracking.set_tags(ref, {"promote.decision": "champion" if result["champion"] else
-                            "challenger" if result["challenger"] else "rejected",
-                            "promote.version": result["version"], "promote.mode": params.mode})
+    result = promote(params, metrics_path, ref, out_dir, score)
+    champion = result["compared_with"]
+    verdict = "champion" if result["champion"] else "challenger" if result["challenger"] else "rejected"
+    prefix = "promote." if result["applied"] else "promote.dry_run."
+    tags = {f"{prefix}decision": verdict, f"{prefix}version": result["version"], "promote.mode": params.mode,
+            f"{prefix}compared_with": "none" if champion is None else f"v{champion['version']}",
+            f"{prefix}reasons": " | ".join(result["reasons"])}
+    tracking.set_tags(ref, tags)
+    if champion is not None:
+        numbers = {f"champion_{params.metric}_rescored": champion["value"]}
+        if champion.get("recorded") is not None:
+            numbers[f"champion_{params.metric}_recorded"] = champion["recorded"]
+        tracking.log_metrics(ref, numbers)
     return result
 
 
@@ -178,14 +282,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--params", default="params.yaml", help="params file; reads `promote:`")
     parser.add_argument("--metrics", required=True, type=Path, help="metrics.json of the evaluate step")
     parser.add_argument("--run", required=True, type=Path, help="mlflow_run.json of the evaluate step (or its directory)")
+    parser.add_argument("--champion-score", required=True, type=Path, help="score.json of the score-champion step")
     parser.add_argument("--out", required=True, type=Path, help="directory for decision.json")
 
 
 def run(args: argparse.Namespace) -> None:
+    from adalabelhash.fileio import read_json
     from adalabelhash.params import load_section
 
     params = load_section(PromoteParams, "promote", args.params)
-    result = promote_tracked(params, args.metrics, args.run, args.out)
+    result = promote_tracked(params, args.metrics, args.run, args.out, read_json(args.champion_score))
+    print(summary_line(result))
+
+
+def summary_line(result: dict) -> str:
     verdict = "champion" if result["champion"] else "challenger" if result["challenger"] else "no alias"
-    where = f"{params.model_name} v{result['version']}" if result["version"] else f"{params.model_name} (dry run)"
-    print(f"promote: {where} -> {verdict}: " + "; ".join(result["reasons"]))
+    name = result["model_name"]
+    where = f"{name} v{result['version']}" if result["version"] else f"{name} (dry run)"
+    return f"promote: {where} -> {verdict}: " + "; ".join(result["reasons"])
