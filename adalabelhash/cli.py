@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "encode": ("components.encode", "bulk-encode query/database images with onnxruntime"),
     "evaluate": ("components.evaluate", "retrieval metrics, PR curves, example grid"),
     "promote": ("components.promote", "register the model and gate aliases on mAP"),
+    "monitor": ("components.monitor", "drift report: new data vs the champion's data and codes"),
     "search": ("components.search", "find the nearest database images for query images"),
     "kfp": ("pipelines.cli", "compile, run locally, submit or schedule the Kubeflow pipeline"),
 }
