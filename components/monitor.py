@@ -305,7 +305,7 @@ def data_drift(params: MonitorParams, reference: pd.DataFrame, current: pd.DataF
     if class_test["flagged"]:
         worst = max(shifted, key=lambda c: abs(share_change[c]))
         reasons.append(_reason("data", "class shares shifted",
-                               f"class shares shifted (chi-square p={class_test['p_adjusted']:.2g}): {worst} "
+                               f"class shares shifted (chi-square p{_p(class_test['p_adjusted'])}): {worst} "
                                f"{ref_share[worst]:.1%} -> {cur_share[worst]:.1%}", classes=shifted))
     for stat in IMAGE_STATS:
         flagged = [r for r in rows if r["statistic"] == stat and r["flagged"]]
@@ -394,7 +394,7 @@ def code_drift(params: MonitorParams, reference: np.ndarray, current: np.ndarray
             worst = int(np.argmax(np.abs(nearest["share_change"])))
             reasons.append(_reason("codes", "nearest-codeword classes shifted",
                                    f"images whose nearest codeword is {names[worst]}: "
-                                   f"{nearest['share_change'][worst]:+.1%} of all (chi-square p={nearest['p_adjusted']:.2g})"))
+                                   f"{nearest['share_change'][worst]:+.1%} of all (chi-square p{_p(nearest['p_adjusted'])})"))
     return codes, reasons
 
 
@@ -476,6 +476,11 @@ def _entropy(p: float) -> float:
     return 0.0 if p in (0.0, 1.0) else float(-(p * math.log2(p) + (1 - p) * math.log2(1 - p)))
 
 
+def _p(p: float) -> str:
+    """'=0.012', or '<1e-300' where the p-value underflowed to 0."""
+    return f"={p:.2g}" if p > 0 else "<1e-300"
+
+
 def _reason(section: str, check: str, message: str, **details) -> dict:
     return {"section": section, "check": check, "message": message, **details}
 
@@ -511,8 +516,8 @@ def render_html(drift: dict, reference: pd.DataFrame, current: pd.DataFrame) -> 
 
     classes = drift["data"]["classes"]
     parts.append("<h2>Data: classes</h2>")
-    parts.append(f"<p>Chi-square on all images' class counts: p = {classes['p_value']:.3g} "
-                 f"(Holm-adjusted {classes['p_adjusted']:.3g}); largest share change {classes['max_share_change']:.1%}.</p>")
+    parts.append(f"<p>Chi-square on all images' class counts: p{esc(_p(classes['p_value']))} "
+                 f"(Holm-adjusted p{esc(_p(classes['p_adjusted']))}); largest share change {classes['max_share_change']:.1%}.</p>")
     flagged_classes = set(classes["missing"]) | set(classes["new"]) | set(classes["shifted"])
     parts.append(_table(["class", "reference", "current", "reference share", "current share", "change"],
                         [[r["class"], r["reference_images"], r["current_images"], f"{r['reference_share']:.1%}",
@@ -524,7 +529,7 @@ def render_html(drift: dict, reference: pd.DataFrame, current: pd.DataFrame) -> 
     rows = drift["data"]["image_statistics"]
     flagged = [r for r in rows if r["flagged"]]
     header = ["class", "statistic", "KS", "p (Holm)", "reference median", "current median"]
-    as_row = lambda r: [r["class"], r["statistic"], f"{r['ks']:.2f}", f"{r['p_adjusted']:.2g}",
+    as_row = lambda r: [r["class"], r["statistic"], f"{r['ks']:.2f}", _p(r['p_adjusted']).lstrip('='),
                         f"{r['reference_median']:.4g}", f"{r['current_median']:.4g}"]  # noqa: E731
     parts.append(f"<p>{len(flagged)} of {len(rows)} per-class tests flagged.</p>")
     if flagged:
