@@ -94,6 +94,7 @@ def test_same_data_is_not_drift(trained, reference, codewords):
     drift = detect_drift(PARAMS, reference, current, codewords,
                          {"champion_version": "2", "recorded_mAP": 0.9, "mAP_on_new": 0.89})
     assert drift["retrain"] is False and drift["reasons"] == []
+    assert json.loads(json.dumps(drift)) == drift  # plain JSON types throughout
     assert drift["codes"]["codeword_distance"]["ks"] == 0.0
     assert drift["codes"]["nearest_codeword"]["classes"] == [str(d) for d in range(10)]
     assert drift["quality"]["drop"] == pytest.approx(0.01) and not drift["quality"]["flagged"]
@@ -180,6 +181,9 @@ def test_bad_inputs_are_one_line_errors(trained, reference, tmp_path):
     (tmp_path / "junk.parquet").write_text("not parquet")
     with pytest.raises(UserError, match="not a readable Parquet profile"):
         read_profile(tmp_path / "junk.parquet")
+    shorter = reference.drop(columns=[f"code_{j}" for j in range(8, 16)])
+    with pytest.raises(UserError, match="reference profile has 16-bit codes, the current one 8-bit"):
+        detect_drift(PARAMS, reference, shorter)
     with pytest.raises(UserError, match="mAP_on_new must be a number"):
         detect_drift(PARAMS, reference, reference, None, {"champion_version": "1", "recorded_mAP": 0.9})
     assert not (tmp_path / "out").exists()
