@@ -23,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "evaluate": ("components.evaluate", "retrieval metrics, PR curves, example grid"),
     "score-champion": ("components.score_champion", "re-score the current @champion on this run's data"),
     "promote": ("components.promote", "register the model and gate aliases on mAP"),
+    "monitor": ("components.monitor", "drift report: new data vs the champion's data and codes"),
     "search": ("components.search", "find the nearest database images for query images"),
     "kfp": ("pipelines.cli", "compile, run locally, submit or schedule the Kubeflow pipeline"),
 }

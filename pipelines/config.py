@@ -30,6 +30,7 @@ SECTIONS: dict[str, tuple[str, str]] = {
     "encode": ("components.encode", "EncodeParams"),
     "evaluate": ("components.evaluate", "EvaluateParams"),
     "promote": ("components.promote", "PromoteParams"),
+    "monitor": ("components.monitor", "MonitorParams"),
     "mlflow": ("adalabelhash.tracking", "MlflowParams"),
 }
 

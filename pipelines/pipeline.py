@@ -99,6 +99,7 @@ def build_pipeline(params: dict):
         encode: dict = values["encode"],
         evaluate: dict = values["evaluate"],
         promote: dict = values["promote"],
+        monitor: dict = values["monitor"],  # the drift report's thresholds (its step: issue 31)
         mlflow: dict = values["mlflow"],
         data_root: str = "",
         data_version: str = "",
