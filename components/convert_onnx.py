@@ -139,8 +139,10 @@ def parity_report(reference, candidate, confident_margin: float) -> dict:
 
 
 def convert_onnx_tracked(params: ConvertOnnxParams, model_dir: Path, manifest_path: Path, data_root: Path,
-                         codewords_dir: Path, out_dir: Path, upstream) -> tuple[dict, "RunRef"]:
-    """Convert, then log the parity report and the ONNX model (codewords and class names beside it)."""
+                         codewords_dir: Path, out_dir: Path, upstream, monitor_params=None) -> tuple[dict, "RunRef"]:
+    """Convert, then log the parity report and the ONNX model, with its codewords, class names and,
+    given `monitor_params`, its reference profile beside it: the model's own data through its own
+    encoder, what the monitor step compares a later dataset version with once it is champion."""
     from adalabelhash import tracking
 
     ref = tracking.attach(upstream, "convert_onnx", params)
@@ -149,6 +151,12 @@ def convert_onnx_tracked(params: ConvertOnnxParams, model_dir: Path, manifest_pa
         tracking.log_metrics(ref, {"onnx_bit_agreement": report["bit_agreement"], "onnx_max_abs_diff": report["max_abs_diff"]})
         tracking.log_artifacts(ref, [Path(out_dir) / "parity.json"], "onnx")
         extra = [Path(codewords_dir) / "codewords.json", Path(codewords_dir) / "codewords.npy"]
+        if monitor_params is not None:
+            from components.monitor import PROFILE_NAME, profile, write_profile
+
+            reference = profile(monitor_params, manifest_path, data_root, Path(out_dir) / "model.onnx")
+            write_profile(reference, Path(out_dir) / PROFILE_NAME)
+            extra.append(Path(out_dir) / PROFILE_NAME)
         ref = tracking.log_onnx_model(ref, Path(out_dir) / "model.onnx", extra, report["image_size"])
     ref.save(out_dir)
     return report, ref
@@ -165,8 +173,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> None:
     from adalabelhash.params import load_section
+    from components.monitor import MonitorParams
 
     params = load_section(ConvertOnnxParams, "convert_onnx", args.params)
-    report, _ = convert_onnx_tracked(params, args.model, args.manifest, args.data_root, args.codewords, args.out, args.codewords)
+    report, _ = convert_onnx_tracked(params, args.model, args.manifest, args.data_root, args.codewords, args.out,
+                                     args.codewords, load_section(MonitorParams, "monitor", args.params))
     print(f"model.onnx ({report['onnx_bytes'] / 1e6:.1f} MB, batch dim '{report['batch_dim']}'): bit agreement "
           f"{report['bit_agreement']:.5f}, max |diff| {report['max_abs_diff']:.2e} on {report['images']} images -> {args.out}")

@@ -9,7 +9,7 @@ live in pipelines/config.py: at run time kfp.dsl has no `component`, so this mod
 imported there.
 """
 
-from typing import List
+from typing import List, NamedTuple
 
 from kfp import dsl
 from kfp.dsl import HTML, Artifact, Dataset, Input, Markdown, Metrics, Model, Output
@@ -137,9 +137,10 @@ def export_codewords(export_codewords: dict, model: Input[Model], run: str, code
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
-def convert_onnx(convert_onnx: dict, model: Input[Model], dataset: Input[Dataset], codewords: Input[Artifact],
-                 run: str, onnx_model: Output[Model]) -> str:
-    """model.onnx with its bit-parity check; logged to MLflow as the model promote registers."""
+def convert_onnx(convert_onnx: dict, monitor: dict, model: Input[Model], dataset: Input[Dataset],
+                 codewords: Input[Artifact], run: str, onnx_model: Output[Model]) -> str:
+    """model.onnx with its bit-parity check; logged to MLflow as the model promote registers, with
+    its reference profile (the monitor step's baseline once it is champion) beside it."""
     from pathlib import Path
 
     from adalabelhash.data.manifest import MANIFEST_NAME
@@ -149,10 +150,54 @@ def convert_onnx(convert_onnx: dict, model: Input[Model], dataset: Input[Dataset
 
     report, ref = convert_onnx_tracked(section("convert_onnx", convert_onnx), Path(model.path),
                                        Path(dataset.path) / MANIFEST_NAME, Path(dataset.path), Path(codewords.path),
-                                       Path(onnx_model.path), RunRef.from_json(run))
+                                       Path(onnx_model.path), RunRef.from_json(run), section("monitor", monitor))
     onnx_model.metadata.update({"framework": "onnx", "mlflow_model_uri": ref.model_uri,
                                 **{k: report[k] for k in ("bits", "image_size", "bit_agreement")}})
     return ref.to_json()
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def score_champion(promote: dict, encode: dict, evaluate: dict, mlflow: dict, dataset: Input[Dataset],
+                   champion: Output[Artifact]):
+    """The current @champion re-scored on this run's data (its encoder from the registry, the encode and
+    evaluate code): what monitor and promote compare with. Never cached: it reads the registry."""
+    from pathlib import Path
+
+    from adalabelhash import tracking
+    from adalabelhash.data.manifest import MANIFEST_NAME
+    from components.score_champion import resolve, score
+    from pipelines.config import section
+
+    promote_params, mlflow_params = section("promote", promote), section("mlflow", mlflow)
+    uri = tracking.resolve_tracking_uri(mlflow_params)
+    found, note = resolve(promote_params, uri) if mlflow_params.enabled else ({"version": None}, "mlflow disabled")
+    print(f"score-champion: {note}")
+    result = score(section("encode", encode), section("evaluate", evaluate), found, Path(dataset.path) / MANIFEST_NAME,
+                   Path(dataset.path), Path(champion.path), uri, promote_params.metric)
+    champion.metadata.update({"version": result["version"] or "", "value": result["value"] or 0.0})
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def monitor_data(monitor: dict, dataset: Input[Dataset], champion: Input[Artifact], force_retrain: bool,
+                 drift: Output[Artifact], report: Output[HTML]) -> NamedTuple("Trigger", [("retrain", bool),
+                                                                                      ("trigger_reason", str)]):
+    """The drift report of this dataset version against the champion, and whether to train: on drift,
+    on a new dataset version, or when forced (`trigger_reason`: drift, new data, forced, schedule)."""
+    import shutil
+    from collections import namedtuple
+    from pathlib import Path
+
+    from adalabelhash.data.manifest import MANIFEST_NAME
+    from components.monitor import REPORT_NAME, monitor_champion, summary_line
+    from pipelines.config import section
+
+    result = monitor_champion(section("monitor", monitor), Path(champion.path), Path(dataset.path) / MANIFEST_NAME,
+                              Path(dataset.path), Path(drift.path), force=force_retrain)
+    print(summary_line(result, Path(drift.path)))
+    shutil.copyfile(Path(drift.path) / REPORT_NAME, report.path)
+    drift.metadata.update({"retrain": result["retrain"], "trigger_reason": result["trigger_reason"],
+                           "reasons": len(result["reasons"])})
+    return namedtuple("Trigger", ["retrain", "trigger_reason"])(result["retrain"], result["trigger_reason"])
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
@@ -217,17 +262,24 @@ def evaluate_retrieval(evaluate: dict, encoded: Input[Dataset], dataset: Input[D
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
-def promote_model(promote: dict, evaluation: Input[Artifact], run: str, decision: Output[Artifact],
-                  report: Output[Markdown]):
-    """Register the ONNX model and gate its aliases (never cached: it changes the registry)."""
+def promote_model(promote: dict, evaluation: Input[Artifact], champion: Input[Artifact], drift: Input[Artifact],
+                  trigger_reason: str, run: str, decision: Output[Artifact], report: Output[Markdown]):
+    """Register the ONNX model and gate its aliases against the re-scored champion (never cached: it
+    changes the registry); the run gets the drift report and why it was trained."""
     from pathlib import Path
 
-    from adalabelhash.tracking import RunRef
+    from adalabelhash import tracking
+    from adalabelhash.fileio import read_json
+    from components.monitor import DRIFT_NAME, REPORT_NAME
     from components.promote import promote_tracked
+    from components.score_champion import SCORE_FILE
     from pipelines.config import section
 
-    params = section("promote", promote)
-    result = promote_tracked(params, Path(evaluation.path) / "metrics.json", RunRef.from_json(run), Path(decision.path))
+    params, ref = section("promote", promote), tracking.RunRef.from_json(run)
+    tracking.log_artifacts(ref, [Path(drift.path) / DRIFT_NAME, Path(drift.path) / REPORT_NAME], "monitor")
+    tracking.set_tags(ref, {"trigger_reason": trigger_reason})
+    result = promote_tracked(params, Path(evaluation.path) / "metrics.json", ref, Path(decision.path),
+                             read_json(Path(champion.path) / SCORE_FILE))
     verdict = "champion" if result["champion"] else "challenger" if result["challenger"] else "no alias"
     version = f"v{result['version']}" if result["version"] else "(dry run, not registered)"
     lines = [f"# Promotion: {verdict}", "", f"{result['model_name']} {version}: {result['metric']} {result['value']:.4f}", ""]

@@ -61,6 +61,7 @@ class MonitorParams:
     max_near_zero_increase: float = 0.05  # rise of the share of |tanh| < 0.1 outputs tolerated
     max_bucket_increase: float = 0.10  # rise of the largest bucket's share (codes collapsing) tolerated
     max_map_drop: float = 0.02  # champion's mAP on the new queries below its recorded mAP by more: retrain
+    retrain_on_new_data: bool = True  # a new dataset version is reason enough to retrain (false: only drift is)
     batch_size: int = 128  # images per encoder call
     decode_threads: int = 4
 
@@ -659,9 +660,14 @@ def _plot_codes(codes: dict):
 
 def monitor(params: MonitorParams, reference_profile_path: str | Path, manifest_path: str | Path,
             data_root: str | Path | None, onnx_path: str | Path | None, codewords_path: str | Path | None,
-            quality: dict | str | Path | None, out_dir: str | Path) -> dict:
-    """Profile the new data with the champion's encoder, compare with the reference profile, and
-    write out_dir/{drift.json, report.html, profile.parquet} (the whole directory or nothing)."""
+            quality: dict | str | Path | None, out_dir: str | Path, reference_dataset: str | None = None,
+            force: bool = False) -> dict:
+    """Profile the new data with the champion's encoder, compare with the reference profile, decide
+    the trigger, and write out_dir/{drift.json, report.html, profile.parquet} (whole or nothing).
+
+    `reference_dataset`: the champion's dataset fingerprint (another one means a new dataset version).
+    """
+    from adalabelhash.data.manifest import Manifest
     from adalabelhash.fileio import atomic_directory, read_json
 
     reference = read_profile(reference_profile_path)  # inputs checked before the costly profiling
@@ -671,15 +677,76 @@ def monitor(params: MonitorParams, reference_profile_path: str | Path, manifest_
     check_code_lengths(len(code_columns(reference)), None if onnx_path is not None else 0, codewords)
     current = profile(params, manifest_path, data_root, onnx_path)
     drift = detect_drift(params, reference, current, codewords, quality)
+    new_data = reference_dataset is not None and reference_dataset != Manifest.load(manifest_path).fingerprint()
+    drift.update(trigger(params, drift["reasons"], new_data, force))
     with atomic_directory(out_dir) as tmp:
         write_profile(current, tmp / PROFILE_NAME)
         write_report(drift, reference, current, tmp)
     return drift
 
 
+def trigger(params: MonitorParams, reasons: list, new_data: bool, force: bool) -> dict:
+    """Whether to retrain, and the one reason a run records (`trigger_reason`): forced, drift, new data,
+    or schedule (a scheduled run that found nothing new: it skips training)."""
+    retrain_for_data = new_data and params.retrain_on_new_data
+    reason = "forced" if force else "drift" if reasons else "new data" if retrain_for_data else "schedule"
+    return {"retrain": bool(force or reasons or retrain_for_data), "trigger_reason": reason, "new_data": new_data}
+
+
+def monitor_champion(params: MonitorParams, champion_dir: str | Path, manifest_path: str | Path,
+                     data_root: str | Path | None, out_dir: str | Path, force: bool = False) -> dict:
+    """The step as the pipelines run it: the new data against what the score-champion step fetched and
+    measured (the champion's encoder, codewords and reference profile; its mAP re-scored on this data)."""
+    from adalabelhash.fileio import atomic_directory, read_json, write_json, write_text
+    from components.score_champion import MODEL_DIR, SCORE_FILE
+
+    score = read_json(Path(champion_dir) / SCORE_FILE)
+    model = Path(champion_dir) / MODEL_DIR
+    if score.get("version") is not None and (model / PROFILE_NAME).is_file():
+        champion = score["champion"]
+        quality = None if champion.get("recorded") is None else {
+            "champion_version": score["version"], "recorded_mAP": champion["recorded"], "mAP_on_new": score["value"]}
+        codewords = model / "codewords.npy"
+        return monitor(params, model / PROFILE_NAME, manifest_path, data_root, model / "model.onnx",
+                       codewords if codewords.is_file() else None, quality, out_dir,
+                       reference_dataset=champion.get("recorded_dataset") or None, force=force)
+    why = ("no current champion" if score.get("version") is None else
+           f"champion v{score['version']} has no reference profile (registered before monitoring)")
+    drift = {"reasons": [], "note": f"{why}: nothing to compare with", **trigger(params, [], True, force)}
+    with atomic_directory(out_dir) as tmp:
+        write_text(tmp / REPORT_NAME, "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>Drift report"
+                   f"</title></head><body><h1>Drift report: {html.escape(drift['note'])}</h1><p>Trigger: "
+                   f"{html.escape(drift['trigger_reason'])}.</p></body></html>\n")
+        write_json(tmp / DRIFT_NAME, drift)
+    return drift
+
+
+def monitor_tracked(params: MonitorParams, champion_dir: Path, manifest_path: Path, data_root: Path | None,
+                    out_dir: Path, upstream=None, force: bool = False) -> dict:
+    """monitor_champion(), its report and verdict logged to the pipeline's MLflow run when there is one."""
+    from adalabelhash import tracking
+
+    drift = monitor_champion(params, champion_dir, manifest_path, data_root, out_dir, force)
+    if upstream is not None:
+        ref = upstream if isinstance(upstream, tracking.RunRef) else tracking.RunRef.load(upstream)
+        tracking.log_artifacts(ref, [Path(out_dir) / DRIFT_NAME, Path(out_dir) / REPORT_NAME], "monitor")
+        tracking.set_tags(ref, {"monitor.retrain": drift["retrain"], "monitor.trigger": drift["trigger_reason"],
+                                "monitor.reasons": " | ".join(r["message"] for r in drift["reasons"])[:5000] or "none"})
+    return drift
+
+
+def summary_line(drift: dict, out_dir: Path) -> str:
+    verdict = "RETRAIN" if drift["retrain"] else "no retraining needed"
+    why = drift.get("note") or f"{len(drift['reasons'])} drift reason(s)"
+    return f"monitor: {verdict} (trigger: {drift['trigger_reason']}; {why}) -> {out_dir / DRIFT_NAME}, {out_dir / REPORT_NAME}"
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--params", default="params.yaml", help="params file; reads `monitor:`")
-    parser.add_argument("--reference", type=Path, help="profile.parquet of the champion's own data (from --profile-only)")
+    parser.add_argument("--champion", type=Path, help="output of score-champion: the champion's encoder, "
+                        "codewords, reference profile and re-scored mAP (what the pipelines pass)")
+    parser.add_argument("--run", type=Path, help="with --champion: mlflow_run.json to log the report to")
+    parser.add_argument("--reference", type=Path, help="or explicitly: profile.parquet of the champion's own data")
     parser.add_argument("--manifest", required=True, type=Path, help="the new dataset version's manifest.parquet")
     parser.add_argument("--data-root", type=Path, help="directory the manifest paths are relative to "
                         "(default: the root recorded in the manifest)")
@@ -700,10 +767,13 @@ def run(args: argparse.Namespace) -> None:
         print(f"monitor: profiled {len(frame):,} images ({frame['class'].nunique()} classes, "
               f"{len(code_columns(frame))}-bit codes) -> {args.out / PROFILE_NAME}")
         return
-    if args.reference is None:
-        raise UserError("--reference is required (or --profile-only to write one)")
-    drift = monitor(params, args.reference, args.manifest, args.data_root, args.onnx, args.codewords, args.quality, args.out)
-    print(f"monitor: {'RETRAIN' if drift['retrain'] else 'no drift'}: {len(drift['reasons'])} reason(s) -> "
-          f"{args.out / DRIFT_NAME}, {args.out / REPORT_NAME}")
+    if args.champion is not None:
+        drift = monitor_tracked(params, args.champion, args.manifest, args.data_root, args.out, args.run)
+    elif args.reference is not None:
+        drift = monitor(params, args.reference, args.manifest, args.data_root, args.onnx, args.codewords, args.quality,
+                        args.out)
+    else:
+        raise UserError("--champion (score-champion's output) or --reference is required (or --profile-only)")
+    print(summary_line(drift, args.out))
     for reason in drift["reasons"]:
         print(f"  {reason['section']}: {reason['message']}")

@@ -145,7 +145,9 @@ def run(args: argparse.Namespace) -> None:
     promote_params = load_section(PromoteParams, "promote", args.params)
     mlflow_params = load_section(tracking.MlflowParams, "mlflow", args.params)
     uri = tracking.resolve_tracking_uri(mlflow_params)
-    if args.resolve or args.champion is None:
+    if not mlflow_params.enabled:
+        champion, note = {"model_name": promote_params.model_name, "version": None}, "mlflow.enabled is false: no registry"
+    elif args.resolve or args.champion is None:
         own = tracking.RunRef.load(args.run).model_uri if args.run else None
         champion, note = resolve(promote_params, uri, own)
     else:

@@ -33,6 +33,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     values.add_argument("--data-root", help="raw images of a non-digits source, as a path the pods see "
                         "(on a cluster: under /mnt/data, the kfp.data_pvc mount)")
     values.add_argument("--data-version", help="dataset version in the cache key (default: data.dvc's md5)")
+    values.add_argument("--force-retrain", action="store_true", help="train even when the drift report finds "
+                        "nothing new (trigger_reason: forced)")
     remote = argparse.ArgumentParser(add_help=False, parents=[values])
     remote.add_argument("--host", required=True, help="KFP API endpoint, e.g. http://localhost:8080")
     remote.add_argument("--token", help="bearer token (default: $KFP_TOKEN)")
@@ -109,7 +111,7 @@ def pipeline_arguments(args: argparse.Namespace, params: dict, remote: bool) -> 
         raise UserError("mlflow.tracking_uri is null: every step runs in its own pod and needs a shared tracking "
                         "server; pass -S mlflow.tracking_uri=http://<mlflow-service>:5000")
     version = args.data_version if args.data_version is not None else data_dvc_md5(REPO / "data.dvc") or ""
-    return {**arguments, "data_root": data_root or "", "data_version": version}
+    return {**arguments, "data_root": data_root or "", "data_version": version, "force_retrain": args.force_retrain}
 
 
 def run_local(args: argparse.Namespace) -> None:

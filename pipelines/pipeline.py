@@ -1,8 +1,10 @@
-"""The Kubeflow pipeline: prepare -> validate -> train -> export-codewords -> convert-onnx ->
-encode (plan, ParallelFor over shards, merge) -> evaluate -> promote.
+"""The Kubeflow pipeline: prepare -> validate -> score-champion -> monitor -> [retrain?] train ->
+export-codewords -> convert-onnx -> encode (plan, ParallelFor over shards, merge) -> evaluate -> promote.
 
-Pipeline parameters: one dict per params.yaml step section (defaults: params.yaml, read at
-import), `data_root` and `data_version`. How the pipeline is deployed (GPUs, scheduling,
+Training runs when the monitor step says so (drift, a new dataset version, or `force_retrain`),
+so a scheduled run on unchanged data stops after its drift report. Pipeline parameters: one dict
+per params.yaml step section (defaults: params.yaml, read at import), `data_root`,
+`data_version` and `force_retrain`. How the pipeline is deployed (GPUs, scheduling,
 retries, volumes, encode parallelism) is params.yaml `kfp:`, applied when it is compiled.
 `python -m pipelines.pipeline` writes pipelines/adalabelhash_pipeline.yaml (committed; a test
 recompiles and diffs it).
@@ -99,10 +101,11 @@ def build_pipeline(params: dict):
         encode: dict = values["encode"],
         evaluate: dict = values["evaluate"],
         promote: dict = values["promote"],
-        monitor: dict = values["monitor"],  # the drift report's thresholds (its step: issue 31)
+        monitor: dict = values["monitor"],
         mlflow: dict = values["mlflow"],
         data_root: str = "",
         data_version: str = "",
+        force_retrain: bool = False,
     ):
         prepared = configure(steps.prepare_dataset(prepare=prepare, data_root=data_root, data_version=data_version))
         if settings.data_pvc:
@@ -111,33 +114,46 @@ def build_pipeline(params: dict):
         gate = configure(steps.validate_dataset(validate=validate, dataset=dataset))
 
         with dsl.If(gate.outputs["Output"] == True, name="data-gate-passed"):  # noqa: E712 (a KFP condition)
-            # Multi-GPU: train.processes > 1 runs DDP under torchrun inside this pod; give it as many
-            # GPUs (kfp.train_gpus). Several nodes: a PyTorchJob (README, "Distributed training").
-            trained = configure(steps.train_model(
-                prepare=prepare, validate=validate, train=train, mlflow=mlflow, dataset=dataset,
-                validation=gate.outputs["report"], checkpoint_dir=CHECKPOINT_MOUNT if settings.checkpoints_pvc else "",
-            ), gpus=settings.train_gpus)
-            if settings.checkpoints_pvc:
-                kubernetes.mount_pvc(trained, settings.checkpoints_pvc, CHECKPOINT_MOUNT)
-            model = trained.outputs["model"]
-            exported = configure(steps.export_codewords(export_codewords=export_codewords, model=model,
-                                                        run=trained.outputs["Output"]))
-            codewords = exported.outputs["codewords"]
-            converted = configure(steps.convert_onnx(convert_onnx=convert_onnx, model=model, dataset=dataset,
-                                                     codewords=codewords, run=exported.outputs["Output"]))
-            onnx_model = converted.outputs["onnx_model"]
-            plan = configure(steps.plan_shards(encode=encode, dataset=dataset))
-            with dsl.ParallelFor(plan.output, parallelism=settings.encode_parallelism) as shard:
-                encoded_shard = configure(steps.encode_shard(encode=encode, onnx_model=onnx_model, dataset=dataset,
-                                                             shard=shard), gpus=settings.encode_gpus)
-            merged = configure(steps.merge_shards(encode=encode, onnx_model=onnx_model, dataset=dataset,
-                                                  shards=dsl.Collected(encoded_shard.outputs["shards"])))
-            evaluated = configure(steps.evaluate_retrieval(
-                evaluate=evaluate, encoded=merged.outputs["encoded"], dataset=dataset, codewords=codewords,
-                run=converted.outputs["Output"]))
-            # The registry is a side effect: never served from the cache, never retried behind the user's back.
-            configure(steps.promote_model(promote=promote, evaluation=evaluated.outputs["evaluation"],
-                                          run=evaluated.outputs["Output"]), retry=False).set_caching_options(False)
+            # The champion re-scored on this data, then the drift report: they read the registry, so
+            # they are never served from the cache. Training follows only when the report says so.
+            scored = configure(steps.score_champion(promote=promote, encode=encode, evaluate=evaluate, mlflow=mlflow,
+                                                    dataset=dataset)).set_caching_options(False)
+            champion = scored.outputs["champion"]
+            watched = configure(steps.monitor_data(monitor=monitor, dataset=dataset, champion=champion,
+                                                   force_retrain=force_retrain)).set_caching_options(False)
+
+            with dsl.If(watched.outputs["retrain"] == True, name="retrain"):  # noqa: E712
+                # Multi-GPU: train.processes > 1 runs DDP under torchrun inside this pod; give it as many
+                # GPUs (kfp.train_gpus). Several nodes: a PyTorchJob (README, "Distributed training").
+                trained = configure(steps.train_model(
+                    prepare=prepare, validate=validate, train=train, mlflow=mlflow, dataset=dataset,
+                    validation=gate.outputs["report"],
+                    checkpoint_dir=CHECKPOINT_MOUNT if settings.checkpoints_pvc else "",
+                ), gpus=settings.train_gpus)
+                if settings.checkpoints_pvc:
+                    kubernetes.mount_pvc(trained, settings.checkpoints_pvc, CHECKPOINT_MOUNT)
+                model = trained.outputs["model"]
+                exported = configure(steps.export_codewords(export_codewords=export_codewords, model=model,
+                                                            run=trained.outputs["Output"]))
+                codewords = exported.outputs["codewords"]
+                converted = configure(steps.convert_onnx(convert_onnx=convert_onnx, monitor=monitor, model=model,
+                                                         dataset=dataset, codewords=codewords,
+                                                         run=exported.outputs["Output"]))
+                onnx_model = converted.outputs["onnx_model"]
+                plan = configure(steps.plan_shards(encode=encode, dataset=dataset))
+                with dsl.ParallelFor(plan.output, parallelism=settings.encode_parallelism) as shard:
+                    encoded_shard = configure(steps.encode_shard(encode=encode, onnx_model=onnx_model, dataset=dataset,
+                                                                 shard=shard), gpus=settings.encode_gpus)
+                merged = configure(steps.merge_shards(encode=encode, onnx_model=onnx_model, dataset=dataset,
+                                                      shards=dsl.Collected(encoded_shard.outputs["shards"])))
+                evaluated = configure(steps.evaluate_retrieval(
+                    evaluate=evaluate, encoded=merged.outputs["encoded"], dataset=dataset, codewords=codewords,
+                    run=converted.outputs["Output"]))
+                # The registry is a side effect: never served from the cache, never retried behind the user's back.
+                configure(steps.promote_model(
+                    promote=promote, evaluation=evaluated.outputs["evaluation"], champion=champion,
+                    drift=watched.outputs["drift"], trigger_reason=watched.outputs["trigger_reason"],
+                    run=evaluated.outputs["Output"]), retry=False).set_caching_options(False)
 
         with dsl.Else(name="data-gate-failed"):
             configure(steps.data_gate_failed(report=gate.outputs["report"]), retry=False)

@@ -95,9 +95,14 @@ def test_mlflow_run_holds_params_curves_artifacts_and_model(project):
     assert champion.run_id == ref["run_id"] and champion.tags["bits"] == "32"
 
 
+def ran_stages(out: str) -> set[str]:
+    return {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")}
+
+
 def test_second_repro_does_nothing(project):
     out = run(["dvc", "repro"], project["root"], project["env"]).stdout
-    assert "Running stage" not in out and "up to date" in out
+    # Only the registry question is asked again (always_changed); its unchanged answer re-runs nothing.
+    assert ran_stages(out) == {"champion"} and "score_champion' didn't change" in out, out
 
 
 def test_changed_param_reruns_only_what_depends_on_it(project):
@@ -105,8 +110,7 @@ def test_changed_param_reruns_only_what_depends_on_it(project):
     text = (root / "params.yaml").read_text().replace("radius: 2", "radius: 1")
     (root / "params.yaml").write_text(text)
     out = run(["dvc", "repro"], root, env).stdout
-    ran = {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")}
-    assert ran == {"evaluate", "promote"}, out
+    assert ran_stages(out) == {"evaluate", "champion", "score_champion", "promote"}, out
     metrics = json.loads((root / "build/evaluate/metrics.json").read_text())
     assert "P_radius_1" in metrics
     # MLflow params are immutable: the re-evaluation went to a derived run
@@ -143,3 +147,38 @@ def test_metrics_and_offline_plots(project, tmp_path):
     run(["dvc", "plots", "show", "-o", str(tmp_path / "plots")], root, env)
     page = (tmp_path / "plots" / "index.html").read_text()
     assert "vegaEmbed" in page and "<script src=" not in page and "cdn.jsdelivr" not in page
+
+
+def test_retraining_on_new_data_replaces_the_champion_fairly(project):
+    """The scheduled-retraining story: new data, a better model takes @champion because the old
+    champion re-scored on the new data is worse; a weaker model trained afterwards does not."""
+    root, env = project["root"], project["env"]
+    client = MlflowClient(project["uri"], project["uri"])
+    old = client.get_model_version_by_alias("adalabelhash", "champion")
+    for class_dir in sorted((root / "data" / "digits").iterdir()):  # a tenth of each class removed
+        for image in sorted(class_dir.iterdir())[::10]:
+            image.unlink()
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["train"].update(epochs=10)
+    params["promote"].update(min_map=0.5)  # the experiment before this test raised it
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    out = run(["dvc", "repro"], root, env).stdout
+    assert {"prepare", "train", "score_champion", "promote"} <= ran_stages(out), out
+    score = json.loads((root / "build/score_champion/score.json").read_text())
+    metrics = json.loads((root / "build/evaluate/metrics.json").read_text())
+    assert score["version"] == str(old.version) and score["dataset_fingerprint"] == metrics["dataset_fingerprint"]
+    assert score["dataset_fingerprint"] != old.tags["dataset.fingerprint"]  # re-scored on the new data
+    decision = json.loads((root / "build/promote/decision.json").read_text())
+    assert decision["champion"] and metrics["mAP"] > score["value"], decision["reasons"]
+    new = client.get_model_version_by_alias("adalabelhash", "champion")
+    assert str(new.version) == decision["version"] != str(old.version) and new.tags["gate.compared_with"] == str(old.version)
+    assert float(new.tags["gate.champion_rescored"]) == pytest.approx(score["value"], abs=1e-6)
+    run_tags = client.get_run(json.loads((root / "build/evaluate/mlflow_run.json").read_text())["run_id"]).data.tags
+    assert run_tags["promote.decision"] == "champion" and run_tags["promote.compared_with"] == f"v{old.version}"
+
+    params["train"].update(epochs=2, seed=1)  # a weaker model on the same data
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    run(["dvc", "repro"], root, env)
+    weaker = json.loads((root / "build/promote/decision.json").read_text())
+    assert not weaker["champion"] and weaker["compared_with"]["version"] == str(new.version), weaker["reasons"]
+    assert client.get_model_version_by_alias("adalabelhash", "champion").version == new.version

@@ -42,6 +42,10 @@ def test_committed_yaml_is_up_to_date(tmp_path):
 
 # --- params.yaml, dvc.yaml and the pipeline parameters ---------------------------------------
 
+# Stages that read other steps' sections (promote, encode, evaluate) rather than one of their own.
+STAGES_OF_OTHER_SECTIONS = {"champion", "score_champion"}
+
+
 def disagreements(params: dict, dvc: dict, spec: dict) -> list[str]:
     """Every way params.yaml, dvc.yaml and the compiled pipeline's parameters disagree."""
     problems = []
@@ -59,7 +63,7 @@ def disagreements(params: dict, dvc: dict, spec: dict) -> list[str]:
             problems += [f"{name}.{key} is null in params.yaml but defaults to {field_defaults.get(key)!r}"
                          for key, value in values.items() if value is None and field_defaults.get(key) is not None]
     for stage, body in dvc["stages"].items():
-        if stage not in struct:
+        if stage not in struct and stage not in STAGES_OF_OTHER_SECTIONS:
             problems.append(f"dvc stage {stage} has no pipeline parameter of its name")
         for entry in body.get("params", []):
             for key in entry if isinstance(entry, dict) else [entry]:
@@ -120,15 +124,15 @@ def test_deployment_settings_reach_the_compiled_spec(tmp_path):
         assert k8s[executor]["secretAsEnv"][0]["secretName"] == "mlflow-creds"
         assert k8s[executor]["secretAsEnv"][0]["keyToEnv"] == [{"secretKey": "MLFLOW_TRACKING_TOKEN",
                                                                 "envVar": "MLFLOW_TRACKING_TOKEN"}]
-    branch = spec["components"]["comp-condition-3"]["dag"]["tasks"]
-    assert branch["for-loop-2"]["iteratorPolicy"] == {"parallelismLimit": 3}
+    branch = spec["components"]["comp-condition-2"]["dag"]["tasks"]
+    assert branch["for-loop-3"]["iteratorPolicy"] == {"parallelismLimit": 3}
     assert branch["train-model"]["retryPolicy"]["maxRetryCount"] == 1
     assert branch["promote-model"]["cachingOptions"] == {} and "retryPolicy" not in branch["promote-model"]
 
 
 def test_committed_pipeline_never_caches_promote():
     spec = load_docs(PACKAGE)[0]
-    tasks = spec["components"]["comp-condition-3"]["dag"]["tasks"]
+    tasks = spec["components"]["comp-condition-2"]["dag"]["tasks"]
     assert tasks["promote-model"]["cachingOptions"] == {}  # enableCache false is protobuf's default: omitted
     assert tasks["train-model"]["cachingOptions"] == {"enableCache": True}
     assert spec["root"]["dag"]["tasks"]["prepare-dataset"]["inputs"]["parameters"]["data_version"] == {
@@ -151,29 +155,56 @@ def test_bad_deployment_settings(settings, message):
 
 # --- the whole pipeline through kfp.local ----------------------------------------------------
 
-def run_local(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
+def run_local(tmp_path: Path, *overrides: str, root: str = "kfp", data_root: Path | None = None,
+              force: bool = False) -> subprocess.CompletedProcess:
     env = {**os.environ, "TMPDIR": str(tmp_path / "tmp"), "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db"}
     (tmp_path / "tmp").mkdir(exist_ok=True)
-    args = [sys.executable, "-m", "adalabelhash.cli", "kfp", "run-local", "--pipeline-root", str(tmp_path / "kfp")]
+    args = [sys.executable, "-m", "adalabelhash.cli", "kfp", "run-local", "--pipeline-root", str(tmp_path / root)]
     for override in overrides:
         args += ["-S", override]
-    return subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    if data_root is not None:
+        args += ["--data-root", str(data_root)]
+    if force:
+        args.append("--force-retrain")
+    return subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
 
 
 def executor_output(task_dir: Path) -> dict:
     return json.loads((task_dir / "executor_output.json").read_text())
 
 
-@pytest.mark.slow
-def test_local_run_end_to_end(tmp_path):
-    result = run_local(tmp_path, "train.epochs=2", "encode.shard_size=600", "promote.min_map=0.3")
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    (run,) = (tmp_path / "kfp").glob("adalabelhash-*")
+@pytest.fixture(scope="module")
+def scheduled_runs(tmp_path_factory, digits_root):
+    """Three runs of the pipeline on one registry, as a schedule would start them: the first data
+    version (no champion: trains), the same data again (nothing new: stops after the drift report),
+    and a shifted version (images inverted: drift, trains, compared with the re-scored champion)."""
+    from PIL import Image, ImageOps
 
+    tmp_path = tmp_path_factory.mktemp("scheduled")
+    inverted = tmp_path / "digits-inverted"
+    for image in sorted(digits_root.rglob("*.png")):
+        target = inverted / image.relative_to(digits_root)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        ImageOps.invert(Image.open(image).convert("L")).save(target)
+    settings = ("prepare.source=imagefolder", "train.epochs=2", "encode.shard_size=600", "promote.min_map=0.3")
+    runs = {}
+    for name, data in (("first", digits_root), ("unchanged", digits_root), ("inverted", inverted)):
+        result = run_local(tmp_path, *settings, root=name, data_root=data)
+        assert result.returncode == 0, name + result.stdout[-3000:] + result.stderr[-3000:]
+        (runs[name],) = (tmp_path / name).glob("adalabelhash-*")
+    return tmp_path, runs
+
+
+@pytest.mark.slow
+def test_local_run_end_to_end(scheduled_runs):
+    tmp_path, runs = scheduled_runs
+    run = runs["first"]
     dataset = run / "prepare-dataset" / "dataset"
     assert (dataset / "manifest.parquet").is_file() and len(list(dataset.glob("*/*.png"))) == 1797
     assert executor_output(run / "validate-dataset")["parameterValues"]["Output"] is True
     assert "<html" in (run / "validate-dataset" / "data_docs").read_text().lower()
+    assert json.loads((run / "score-champion" / "champion" / "score.json").read_text())["version"] is None
+    assert executor_output(run / "monitor-data")["parameterValues"] == {"retrain": True, "trigger_reason": "new data"}
 
     shards = sorted(run.glob("for-loop-*-iteration-*/encode-shard/shards/shard-*.npz"))
     assert [p.name for p in shards] == [f"shard-{i:05d}-of-00003.npz" for i in range(3)]
@@ -192,10 +223,45 @@ def test_local_run_end_to_end(tmp_path):
     from mlflow import MlflowClient
 
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
-    version = client.get_model_version_by_alias("adalabelhash", "champion")
+    version = client.get_model_version(decision["model_name"], "1")
     mlflow_run = client.get_run(version.run_id)
-    assert mlflow_run.data.tags["mlflow.source.name"] == "kfp"
+    assert mlflow_run.data.tags["mlflow.source.name"] == "kfp" and mlflow_run.data.tags["trigger_reason"] == "new data"
     assert mlflow_run.data.params["train.epochs"] == "2" and mlflow_run.data.metrics["mAP"] == metrics["mAP"]
+    logged_files = {f.path for f in client.list_artifacts(version.run_id, "monitor")}
+    assert logged_files == {"monitor/drift.json", "monitor/report.html"}
+
+
+@pytest.mark.slow
+def test_scheduled_run_on_unchanged_data_skips_training(scheduled_runs):
+    _, runs = scheduled_runs
+    run = runs["unchanged"]
+    score = json.loads((run / "score-champion" / "champion" / "score.json").read_text())
+    assert score["version"] == "1" and 0.3 < score["value"] <= 1  # the champion, re-scored
+    assert executor_output(run / "monitor-data")["parameterValues"] == {"retrain": False, "trigger_reason": "schedule"}
+    drift = json.loads((run / "monitor-data" / "drift" / "drift.json").read_text())
+    assert drift["reasons"] == [] and not drift["new_data"]
+    assert "<html" in (run / "monitor-data" / "report").read_text().lower()
+    assert not (run / "train-model").exists() and not (run / "promote-model").exists()
+
+
+@pytest.mark.slow
+def test_scheduled_run_on_drifted_data_trains_and_compares_fairly(scheduled_runs):
+    tmp_path, runs = scheduled_runs
+    run = runs["inverted"]
+    outputs = executor_output(run / "monitor-data")["parameterValues"]
+    assert outputs == {"retrain": True, "trigger_reason": "drift"}
+    drift = json.loads((run / "monitor-data" / "drift" / "drift.json").read_text())
+    assert {r["section"] for r in drift["reasons"]} >= {"data", "codes"}
+    score = json.loads((run / "score-champion" / "champion" / "score.json").read_text())
+    decision = json.loads((run / "promote-model" / "decision" / "decision.json").read_text())
+    assert decision["compared_with"]["version"] == "1" and decision["compared_with"]["value"] == score["value"]
+    assert decision["dataset"] == score["dataset_fingerprint"]  # both numbers on the same data
+
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    tags = client.get_run(client.get_model_version(decision["model_name"], decision["version"]).run_id).data.tags
+    assert tags["trigger_reason"] == "drift" and tags["promote.compared_with"] == "v1"
 
 
 @pytest.mark.slow
@@ -282,7 +348,7 @@ def expected_arguments(**changes) -> dict:
     for name, values in changes.items():
         arguments[name].update(values)
     data_dvc = yaml.safe_load((REPO / "data.dvc").read_text())["outs"][0]["md5"]
-    return {**arguments, "data_root": "", "data_version": data_dvc}
+    return {**arguments, "data_root": "", "data_version": data_dvc, "force_retrain": False}
 
 
 def test_submit_sends_the_pipeline_and_parameters(kfp_api, capsys):
