@@ -25,6 +25,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "promote": ("components.promote", "register the model and gate aliases on mAP"),
     "monitor": ("components.monitor", "drift report: new data vs the champion's data and codes"),
     "search": ("components.search", "find the nearest database images for query images"),
+    "retrain": ("pipelines.retrain", "drift report, then `dvc repro` when it says so (for cron)"),
     "kfp": ("pipelines.cli", "compile, run locally, submit or schedule the Kubeflow pipeline"),
 }
 

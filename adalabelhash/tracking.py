@@ -242,6 +242,9 @@ def provenance_tags(dataset_fingerprint: str, source: str) -> dict[str, str]:
     data_md5 = data_dvc_md5()
     if data_md5:
         tags["dataset.data_dvc_md5"] = data_md5
+    trigger = os.environ.get("ADALABELHASH_TRIGGER_REASON")  # set by `adalabelhash retrain`
+    if trigger:
+        tags["trigger_reason"] = trigger
     return tags
 
 

@@ -9,7 +9,7 @@ live in pipelines/config.py: at run time kfp.dsl has no `component`, so this mod
 imported there.
 """
 
-from typing import List, NamedTuple
+from typing import List
 
 from kfp import dsl
 from kfp.dsl import HTML, Artifact, Dataset, Input, Markdown, Metrics, Model, Output
@@ -179,12 +179,12 @@ def score_champion(promote: dict, encode: dict, evaluate: dict, mlflow: dict, da
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
 def monitor_data(monitor: dict, dataset: Input[Dataset], champion: Input[Artifact], force_retrain: bool,
-                 drift: Output[Artifact], report: Output[HTML]) -> NamedTuple("Trigger", [("retrain", bool),
-                                                                                      ("trigger_reason", str)]):
+                 drift: Output[Artifact], report: Output[HTML], trigger_reason: dsl.OutputPath(str)) -> bool:
     """The drift report of this dataset version against the champion, and whether to train: on drift,
-    on a new dataset version, or when forced (`trigger_reason`: drift, new data, forced, schedule)."""
+    on a new dataset version, or when forced (`trigger_reason`: drift, new data, forced, schedule).
+
+    (The verdict is the return value: kfp.local skips a dsl.If on a NamedTuple output.)"""
     import shutil
-    from collections import namedtuple
     from pathlib import Path
 
     from adalabelhash.data.manifest import MANIFEST_NAME
@@ -197,7 +197,8 @@ def monitor_data(monitor: dict, dataset: Input[Dataset], champion: Input[Artifac
     shutil.copyfile(Path(drift.path) / REPORT_NAME, report.path)
     drift.metadata.update({"retrain": result["retrain"], "trigger_reason": result["trigger_reason"],
                            "reasons": len(result["reasons"])})
-    return namedtuple("Trigger", ["retrain", "trigger_reason"])(result["retrain"], result["trigger_reason"])
+    Path(trigger_reason).write_text(result["trigger_reason"])
+    return result["retrain"]
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)

@@ -10,9 +10,10 @@ One model, one version: promoting the same run's model again (e.g. `dvc exp run 
 promote.min_gain=0.01`) re-applies the gate to its existing version instead of registering a copy;
 a version that no longer passes gives its aliases back. The champion alias moves last, after the
 current champion is read again: if it is no longer the version that was re-scored (another
-promotion moved it), this run's scores are not comparable and the champion stays. Gate tags are
-written after the aliases moved and say what the aliases say; a promotion cut off half-way (server
-gone) is reconciled by the next one.
+promotion moved it), this run's scores are not comparable and the champion stays. The aliases
+are the registry's state; the version's gate tags (verdict, reasons, the champion it was compared
+with and both numbers) are written after the aliases moved and record what happened, so a
+promotion cut off half-way (server gone) leaves no claim behind, and running it again completes it.
 """
 
 from __future__ import annotations
@@ -128,7 +129,6 @@ def promote(params: PromoteParams, metrics_path: Path, ref, out_dir: Path, score
     if decision["champion"] and not _still_comparable(current, champion, existing):
         _not_comparable(result, current)
     if decision["applied"]:
-        reachable(lambda: _reconcile(client, name), "reconciling gate tags with aliases", uri)
         run = reachable(lambda: client.get_run(ref.run_id), "reading the run", uri)
         tags = {
             params.metric: f"{value:.6f}",
@@ -145,7 +145,6 @@ def promote(params: PromoteParams, metrics_path: Path, ref, out_dir: Path, score
         version = result["version"]
         reachable(lambda: _apply_aliases(client, params, version, champion, result), "moving the aliases", uri, write=True)
         reachable(lambda: _write_gate_tags(client, name, version, champion, result), "tagging the version", uri, write=True)
-        reachable(lambda: _reconcile(client, name), "tagging the other versions", uri, write=True)
     write_json(Path(out_dir) / "decision.json", result)
     return result
 
@@ -193,35 +192,22 @@ def _apply_aliases(client, params: PromoteParams, version: str, champion: dict |
 
 
 def _write_gate_tags(client, name: str, version: str, champion: dict | None, result: dict) -> None:
-    """After the aliases: gate.champion says whether the version holds @champion now, read back."""
+    """After the aliases moved: what the gate did, read back from the registry, never what it meant to do.
+
+    `gate.verdict` is champion only when the version held @champion once the aliases were set (the
+    aliases are the state; a later promotion moving them does not make this record untrue). A
+    promotion cut off before this point leaves no verdict, and running it again completes it.
+    """
     holds = set(client.get_model_version(name, version).aliases)
     result["champion"] = CHAMPION in holds
-    tags = {"gate.challenger": result["challenger"], "gate.champion": CHAMPION in holds,
-            "gate.reasons": " | ".join(result["reasons"]),
+    verdict = "champion" if CHAMPION in holds else "challenger" if result["challenger"] else "rejected"
+    tags = {"gate.verdict": verdict, "gate.reasons": " | ".join(result["reasons"]),
             "gate.compared_with": "" if champion is None else champion["version"]}
     if champion is not None:
         tags["gate.champion_rescored"] = f"{champion['value']:.6f}"
         tags["gate.champion_recorded"] = "" if champion.get("recorded") is None else f"{champion['recorded']:.6f}"
     for key, value in tags.items():
         client.set_model_version_tag(name, version, key, str(value))
-
-
-def _reconcile(client, name: str) -> None:
-    """Every version's gate.champion tag made to say whether it holds @champion: after this promotion
-    moved the alias, and before the next one (an interrupted promotion may have left it untrue)."""
-    from mlflow.exceptions import MlflowException
-
-    try:
-        champion = str(client.get_registered_model(name).aliases.get(CHAMPION))  # search results carry no aliases
-        versions = client.search_model_versions(f"name='{name}'")
-    except MlflowException as exc:
-        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
-            return
-        raise
-    for version in versions:
-        holds = str(str(version.version) == champion)
-        if version.tags.get("gate.champion", holds) != holds:
-            client.set_model_version_tag(name, version.version, "gate.champion", holds)
 
 
 def _version_of_model(client, name: str, model_uri: str) -> str | None:

@@ -122,7 +122,7 @@ def build_pipeline(params: dict):
             watched = configure(steps.monitor_data(monitor=monitor, dataset=dataset, champion=champion,
                                                    force_retrain=force_retrain)).set_caching_options(False)
 
-            with dsl.If(watched.outputs["retrain"] == True, name="retrain"):  # noqa: E712
+            with dsl.If(watched.outputs["Output"] == True, name="retrain"):  # noqa: E712
                 # Multi-GPU: train.processes > 1 runs DDP under torchrun inside this pod; give it as many
                 # GPUs (kfp.train_gpus). Several nodes: a PyTorchJob (README, "Distributed training").
                 trained = configure(steps.train_model(

@@ -105,6 +105,15 @@ def test_second_repro_does_nothing(project):
     assert ran_stages(out) == {"champion"} and "score_champion' didn't change" in out, out
 
 
+def test_retrain_if_drift_skips_training_on_unchanged_data(project):
+    root, env = project["root"], project["env"]
+    out = run(["adalabelhash", "retrain", "--if-drift"], root, env).stdout
+    assert "no retraining needed (trigger: schedule" in out and "training skipped" in out, out
+    assert "Running stage" not in out  # prepare and the gate were up to date
+    drift = json.loads((root / "build/retrain/monitor/drift.json").read_text())
+    assert drift["retrain"] is False and drift["reasons"] == [] and drift["new_data"] is False
+
+
 def test_changed_param_reruns_only_what_depends_on_it(project):
     root, env = project["root"], project["env"]
     text = (root / "params.yaml").read_text().replace("radius: 2", "radius: 1")
@@ -162,8 +171,8 @@ def test_retraining_on_new_data_replaces_the_champion_fairly(project):
     params["train"].update(epochs=10)
     params["promote"].update(min_map=0.5)  # the experiment before this test raised it
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    out = run(["dvc", "repro"], root, env).stdout
-    assert {"prepare", "train", "score_champion", "promote"} <= ran_stages(out), out
+    out = run(["adalabelhash", "retrain", "--if-drift"], root, env).stdout  # what cron runs
+    assert "RETRAIN (trigger: new data" in out and {"prepare", "train", "score_champion", "promote"} <= ran_stages(out)
     score = json.loads((root / "build/score_champion/score.json").read_text())
     metrics = json.loads((root / "build/evaluate/metrics.json").read_text())
     assert score["version"] == str(old.version) and score["dataset_fingerprint"] == metrics["dataset_fingerprint"]
@@ -171,10 +180,13 @@ def test_retraining_on_new_data_replaces_the_champion_fairly(project):
     decision = json.loads((root / "build/promote/decision.json").read_text())
     assert decision["champion"] and metrics["mAP"] > score["value"], decision["reasons"]
     new = client.get_model_version_by_alias("adalabelhash", "champion")
-    assert str(new.version) == decision["version"] != str(old.version) and new.tags["gate.compared_with"] == str(old.version)
+    assert str(new.version) == decision["version"] != str(old.version)
+    assert new.tags["gate.compared_with"] == str(old.version)
     assert float(new.tags["gate.champion_rescored"]) == pytest.approx(score["value"], abs=1e-6)
     run_tags = client.get_run(json.loads((root / "build/evaluate/mlflow_run.json").read_text())["run_id"]).data.tags
     assert run_tags["promote.decision"] == "champion" and run_tags["promote.compared_with"] == f"v{old.version}"
+    assert run_tags["trigger_reason"] == "new data"
+    assert json.loads((root / "build/monitor/drift.json").read_text())["new_data"] is True
 
     params["train"].update(epochs=2, seed=1)  # a weaker model on the same data
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))

@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -58,8 +59,10 @@ def test_promote_step_over_http_read_back_through_rest(server, trained, tmp_path
     ref.save(tmp_path / "run")
     (tmp_path / "metrics.json").write_text(json.dumps({"mAP": 0.81, "bits": 16, "dataset_fingerprint": "d" * 64}))
     (tmp_path / "params.yaml").write_text("promote: {model_name: served-model, min_map: 0.5}\n")
+    (tmp_path / "score.json").write_text(json.dumps({"version": None, "value": None, "dataset_fingerprint": "d" * 64}))
     proc = subprocess.run(
-        [sys.executable, "-m", "adalabelhash.cli", "promote", "--metrics", "metrics.json", "--run", "run", "--out", "out"],
+        [sys.executable, "-m", "adalabelhash.cli", "promote", "--metrics", "metrics.json", "--run", "run",
+         "--champion-score", "score.json", "--out", "out"],
         cwd=tmp_path, capture_output=True, text=True, timeout=300,
         env={**os.environ, "MLFLOW_TRACKING_URI": "file:///nowhere"},  # the run reference names the server
     )
@@ -72,7 +75,7 @@ def test_promote_step_over_http_read_back_through_rest(server, trained, tmp_path
     version = alias.json()["model_version"]
     assert version["version"] == "1" and version["run_id"] == ref.run_id
     tags = {t["key"]: t["value"] for t in version["tags"]}
-    assert tags["mAP"] == "0.810000" and tags["gate.champion"] == "True" and tags["dataset.fingerprint"] == "d" * 64
+    assert tags["mAP"] == "0.810000" and tags["gate.verdict"] == "champion" and tags["dataset.fingerprint"] == "d" * 64
     artifacts = requests.get(f"{api}/artifacts/list", params={"run_id": ref.run_id}, timeout=30).json()
     assert version["source"].startswith("models:/") or any(f["path"] == "model" for f in artifacts.get("files", []))
 
@@ -118,3 +121,110 @@ def test_ui_compares_two_runs_side_by_side(server):
         browser.quit()
     assert "mAP" in text and "0.8123" in text and "0.7789" in text
     assert "lite0-48bits" in text and "lite0-64bits" in text
+
+
+class KillableProxy:
+    """Loopback HTTP proxy in front of the real server that plays the server's death at request
+    `kill_at`: that request is dropped unanswered ("before"), or handled by the server with its
+    answer lost ("after"), and every later request finds nobody answering."""
+
+    def __init__(self, upstream: str):
+        import http.server
+
+        self.upstream, self.kill_at, self.mode, self.count, self.dead = upstream, 0, "before", 0, False
+        self.lock = threading.Lock()
+        proxy = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def relay(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                with proxy.lock:
+                    proxy.count += 1
+                    now = proxy.count == proxy.kill_at
+                    drop = proxy.dead or (now and proxy.mode == "before")
+                    proxy.dead = proxy.dead or now
+                if not drop:
+                    headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "content-length")}
+                    answer = requests.request(self.command, proxy.upstream + self.path, data=body, headers=headers,
+                                              timeout=60)
+                    if not (now and proxy.mode == "after"):
+                        self.send_response(answer.status_code)
+                        self.send_header("Content-Type", answer.headers.get("Content-Type", "application/json"))
+                        self.send_header("Content-Length", str(len(answer.content)))
+                        self.end_headers()
+                        self.wfile.write(answer.content)
+                        return
+                self.close_connection = True
+                self.connection.shutdown(socket.SHUT_RDWR)  # no answer: what a killed server gives
+
+            do_GET = do_POST = do_PATCH = do_DELETE = relay
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def arm(self, kill_at: int, mode: str) -> None:
+        self.kill_at, self.mode, self.count, self.dead = kill_at, mode, 0, False
+
+
+@pytest.mark.slow
+def test_server_killed_at_each_request_of_a_promotion_leaves_no_false_claim(server, trained, tmp_path, monkeypatch):
+    """Kill the server at every request a promotion makes, before and after the server handled it:
+    one clear error each time, @champion never on a version that did not earn it, no verdict tag
+    that the aliases contradict, and running promote again completes it with one version."""
+    from dataclasses import replace
+
+    from mlflow import MlflowClient
+
+    from adalabelhash.errors import UserError
+    from components.promote import PromoteParams, promote
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # a dead server fails at once
+    client = MlflowClient(server, server)
+    params = tracking.MlflowParams(experiment="killed", tracking_uri=server)
+    proxy = KillableProxy(server)
+    metrics = tmp_path / "metrics.json"
+    metrics.write_text(json.dumps({"mAP": 0.9, "bits": 16, "dataset_fingerprint": "e" * 64}))
+    score = {"version": "1", "value": 0.6, "dataset_fingerprint": "e" * 64, "champion": {"recorded": 0.8}}
+
+    old, new = (tracking.log_onnx_model(tracking.start_run(params, {}, {}, name), trained["onnx"], [], image_size=16)
+                for name in ("old", "new"))
+
+    def new_model(name: str) -> tracking.RunRef:
+        """A registered model `name` whose v1 (`old`) holds @champion; `new` is the model to promote over it."""
+        promote(PromoteParams(model_name=name), metrics, old, tmp_path / "setup", {**score, "version": None})
+        return new
+
+    ref = new_model("killed-count")
+    proxy.arm(0, "before")
+    promote(PromoteParams(model_name="killed-count"), metrics, replace(ref, tracking_uri=proxy.url), tmp_path / "n", score)
+    requests_made = proxy.count
+    assert requests_made >= 8
+
+    for kill_at in range(1, requests_made + 1):
+        for mode in ("before", "after"):
+            name = f"killed-{kill_at}-{mode}"
+            ref = new_model(name)
+            proxy.arm(kill_at, mode)
+            with pytest.raises(UserError) as error:
+                promote(PromoteParams(model_name=name), metrics, replace(ref, tracking_uri=proxy.url), tmp_path / name,
+                        score)
+            assert "\n" not in str(error.value) and str(error.value).startswith(f"MLflow at {proxy.url}:")
+            assert not (tmp_path / name).exists()  # no decision.json for a promotion that did not finish
+            champion = str(client.get_registered_model(name).aliases["champion"])
+            for version in client.search_model_versions(f"name='{name}'"):
+                verdict = version.tags.get("gate.verdict")
+                if str(version.version) != "1":
+                    assert verdict in (None, "champion"), (kill_at, mode, version.tags)
+                    assert (verdict == "champion") <= (champion == str(version.version)), (kill_at, mode)
+            # the server is back: promote again completes it, on the same version
+            done = promote(PromoteParams(model_name=name), metrics, ref, tmp_path / name, score)
+            versions = client.search_model_versions(f"name='{name}'")
+            assert done["champion"] and len(versions) == 2, (kill_at, mode, done["reasons"])
+            assert str(client.get_registered_model(name).aliases["champion"]) == done["version"] == "2"
+            assert client.get_model_version(name, "2").tags["gate.verdict"] == "champion"

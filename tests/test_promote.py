@@ -76,7 +76,7 @@ def test_gate_promotes_refuses_keeps_champion_and_dry_run_changes_nothing(store,
     assert first["champion"] and first["challenger"] and aliases(uri, name) == {CHAMPION: "1", CHALLENGER: "1"}
     version = client.get_model_version(name, "1")
     assert version.tags["mAP"] == "0.800000" and version.tags["dataset.fingerprint"] == DATASET
-    assert version.tags["gate.champion"] == "True" and version.run_id and version.tags["bits"] == "16"
+    assert version.tags["gate.verdict"] == "champion" and version.run_id and version.tags["bits"] == "16"
     assert version.tags["gate.compared_with"] == ""
     assert json.loads((tmp_path / "p1" / "decision.json").read_text())["version"] == "1"
 
@@ -84,7 +84,7 @@ def test_gate_promotes_refuses_keeps_champion_and_dry_run_changes_nothing(store,
                       scored("1", 0.80))
     assert not refused["challenger"] and not refused["champion"]
     assert aliases(uri, name) == {CHAMPION: "1", CHALLENGER: "1"}  # v2 registered, no alias
-    assert client.get_model_version(name, "2").tags["gate.challenger"] == "False"
+    assert client.get_model_version(name, "2").tags["gate.verdict"] == "rejected"
 
     worse = promote(params, metrics_file(tmp_path / "m3.json", 0.70), new_run(), tmp_path / "p3", scored("1", 0.80))
     assert worse["challenger"] and not worse["champion"]
@@ -97,7 +97,7 @@ def test_gate_promotes_refuses_keeps_champion_and_dry_run_changes_nothing(store,
     tags = client.get_model_version(name, "4").tags
     assert tags["gate.compared_with"] == "1" and tags["gate.champion_rescored"] == "0.650000"
     assert tags["gate.champion_recorded"] == "0.800000" and "0.6500 re-scored on this data" in tags["gate.reasons"]
-    assert client.get_model_version(name, "1").tags["gate.champion"] == "False"  # the tags follow the alias
+    assert client.get_model_version(name, "1").tags["gate.verdict"] == "champion"  # what the gate did then
 
     stale = promote(params, metrics_file(tmp_path / "m5.json", 0.99, "b" * 64), new_run(), tmp_path / "p5",
                     scored("1", 0.65, "b" * 64))  # scored against v1, but v4 holds @champion now
@@ -127,8 +127,8 @@ def test_one_model_one_version_and_the_gate_re_applied(store, tmp_path):
                        scored("1", 0.60))  # `dvc exp run -S promote.min_gain=0.2`: v2 no longer earns it
     assert stricter["version"] == "2" and not stricter["champion"]
     assert aliases(uri, name) == {CHAMPION: "1", CHALLENGER: "2"}
-    assert client.get_model_version(name, "2").tags["gate.champion"] == "False"
-    assert client.get_model_version(name, "1").tags["gate.champion"] == "True"
+    assert client.get_model_version(name, "2").tags["gate.verdict"] == "challenger"
+    assert "moved back from v2 to v1" in client.get_model_version(name, "2").tags["gate.reasons"]
 
 
 def test_bad_metrics_file_changes_nothing(store, tmp_path):
@@ -180,5 +180,5 @@ def test_racing_promotions_end_with_a_champion_that_passed(store, tmp_path):
     champion = MlflowClient(uri, uri).get_model_version_by_alias(name, CHAMPION)
     # The registry has no compare-and-set: which passing racer wins depends on timing, but the
     # champion is always one that passed the gate and beat the champion it replaced.
-    assert float(champion.tags["mAP"]) in (0.75, 0.70, 0.65) and champion.tags["gate.champion"] == "True"
+    assert float(champion.tags["mAP"]) in (0.75, 0.70, 0.65) and champion.tags["gate.verdict"] == "champion"
     assert not results[2]["challenger"] and not results[2]["champion"]
