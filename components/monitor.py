@@ -702,12 +702,13 @@ def monitor_champion(params: MonitorParams, champion_dir: str | Path, manifest_p
 
     score = read_json(Path(champion_dir) / SCORE_FILE)
     model = Path(champion_dir) / MODEL_DIR
-    if score.get("version") is not None and (model / PROFILE_NAME).is_file():
+    extra = model / "extra_files"  # what convert-onnx logged beside the ONNX file
+    if score.get("version") is not None and (extra / PROFILE_NAME).is_file():
         champion = score["champion"]
         quality = None if champion.get("recorded") is None else {
             "champion_version": score["version"], "recorded_mAP": champion["recorded"], "mAP_on_new": score["value"]}
-        codewords = model / "codewords.npy"
-        return monitor(params, model / PROFILE_NAME, manifest_path, data_root, model / "model.onnx",
+        codewords = extra / "codewords.npy"
+        return monitor(params, extra / PROFILE_NAME, manifest_path, data_root, model / "model.onnx",
                        codewords if codewords.is_file() else None, quality, out_dir,
                        reference_dataset=champion.get("recorded_dataset") or None, force=force)
     why = ("no current champion" if score.get("version") is None else
