@@ -97,30 +97,57 @@ def chromium_driver():
 
 
 @pytest.mark.slow
-def test_ui_compares_two_runs_side_by_side(server):
+def test_ui_walkthrough_from_the_home_page_to_compare_and_registry(server, trained, tmp_path):
+    """The README's walkthrough, clicked through as a user would in MLflow 3.17: its home page opens on
+    the GenAI view; *Model training* -> *Experiments* -> the experiment -> tick two runs -> *Compare*;
+    then *Model registry*, where the model shows its @champion."""
+    from components.promote import PromoteParams, promote
+
     params = tracking.MlflowParams(experiment="compare-in-ui", tracking_uri=server)
     refs = []
     for name, value in (("lite0-48bits", 0.8123), ("lite0-64bits", 0.7789)):
         ref = tracking.start_run(params, {"train": {"bits": int(name[-6:-4])}}, {}, name)
         tracking.log_metrics(ref, {"mAP": value, "mAP_at_1000": value + 0.05})
         refs.append(ref)
+    ref = tracking.log_onnx_model(refs[0], trained["onnx"], [], image_size=16)
+    (tmp_path / "m.json").write_text(json.dumps({"mAP": 0.8123, "bits": 48, "dataset_fingerprint": "f" * 64}))
+    promote(PromoteParams(model_name="walkthrough-model"), tmp_path / "m.json", ref, tmp_path / "p",
+            {"version": None, "value": None, "dataset_fingerprint": "f" * 64})
 
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
-    runs = json.dumps([r.run_id for r in refs])
-    url = f"{server}/#/compare-runs?runs={runs}&experiments={json.dumps([refs[0].experiment_id])}"
+    def click(xpath: str):
+        WebDriverWait(browser, 60).until(lambda b: b.find_elements(By.XPATH, xpath))[0].click()
+
+    def body() -> str:
+        return browser.find_element(By.TAG_NAME, "body").text
+
     browser = chromium_driver()
     try:
-        browser.get(url)
-        WebDriverWait(browser, 120).until(lambda b: "0.8123" in b.find_element(By.TAG_NAME, "body").text)
-        text = browser.find_element(By.TAG_NAME, "body").text
+        browser.get(server)
+        WebDriverWait(browser, 120).until(lambda b: "Model training" in body())
+        click("//*[text()='Model training']")
+        click("//a[.//text()='Experiments' or text()='Experiments']")
+        click("//a[text()='compare-in-ui']")
+        WebDriverWait(browser, 60).until(lambda b: "lite0-64bits" in body())
+        for row in (0, 1):
+            click(f"//*[@row-index='{row}']//input[@type='checkbox']")
+        click("//button[.//text()='Compare' or text()='Compare']")
+        WebDriverWait(browser, 120).until(lambda b: "0.8123" in body())
+        compared = body()
         ARTIFACTS.mkdir(exist_ok=True)
         browser.save_screenshot(str(ARTIFACTS / "mlflow-compare-runs.png"))
+        click("//a[.//text()='Model registry' or text()='Model registry']")
+        click("//a[text()='walkthrough-model']")
+        WebDriverWait(browser, 60).until(lambda b: "champion" in body())
+        registry = body()
+        browser.save_screenshot(str(ARTIFACTS / "mlflow-registry.png"))
     finally:
         browser.quit()
-    assert "mAP" in text and "0.8123" in text and "0.7789" in text
-    assert "lite0-48bits" in text and "lite0-64bits" in text
+    assert "Comparing 2 Runs" in compared and "0.8123" in compared and "0.7789" in compared
+    assert "lite0-48bits" in compared and "lite0-64bits" in compared
+    assert "Version 1" in registry and "champion" in registry and "challenger" in registry
 
 
 class KillableProxy:
