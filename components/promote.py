@@ -126,6 +126,9 @@ def promote(params: PromoteParams, metrics_path: Path, ref, out_dir: Path, score
         **decision,
         "params": asdict(params),
     }
+    if champion is None and existing is not None and result["champion_before"] == existing:
+        result["reasons"] = [r.replace("no current champion", f"v{existing} holds @champion, with no champion "
+                                       "before it") for r in result["reasons"]]
     if decision["champion"] and not _still_comparable(current, champion, existing):
         _not_comparable(result, current)
     if decision["applied"]:

@@ -129,7 +129,7 @@ def test_ui_walkthrough_from_the_home_page_to_compare_and_registry(server, train
         WebDriverWait(browser, 120).until(lambda b: "Model training" in body())
         click("//*[text()='Model training']")
         click("//a[.//text()='Experiments' or text()='Experiments']")
-        click("//a[text()='compare-in-ui']")
+        click("//a[contains(., 'compare-in-ui')]")
         WebDriverWait(browser, 60).until(lambda b: "lite0-64bits" in body())
         for row in (0, 1):
             click(f"//*[@row-index='{row}']//input[@type='checkbox']")
@@ -139,7 +139,7 @@ def test_ui_walkthrough_from_the_home_page_to_compare_and_registry(server, train
         ARTIFACTS.mkdir(exist_ok=True)
         browser.save_screenshot(str(ARTIFACTS / "mlflow-compare-runs.png"))
         click("//a[.//text()='Model registry' or text()='Model registry']")
-        click("//a[text()='walkthrough-model']")
+        click("//a[contains(., 'walkthrough-model')]")
         WebDriverWait(browser, 60).until(lambda b: "champion" in body())
         registry = body()
         browser.save_screenshot(str(ARTIFACTS / "mlflow-registry.png"))
