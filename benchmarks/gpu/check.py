@@ -210,7 +210,7 @@ def onnx(out: Path) -> None:
     from components.convert_onnx import ConvertOnnxParams, convert_onnx
     from components.encode import EncodeParams, encode_shards
 
-    model_path = next(WORK.glob("train-*/model.pt"))  # part 1's bf16 model (auto on the CPU rehearsal)
+    model_path = WORK / f"train-{'auto' if CPU_REHEARSAL else 'bf16'}" / "model.pt"  # part 1's model
     report = convert_onnx(ConvertOnnxParams(parity_images=64), model_path, MANIFEST, SUBSET, WORK / "onnx")
     onnx_path = WORK / "onnx" / "model.onnx"
     result = {"parity": {k: report[k] for k in ("provider", "bit_agreement", "confident_agreement", "max_abs_diff", "passed")}}
@@ -243,6 +243,7 @@ def torch_img_per_s(model, images, precision: str) -> float:
     import torch
 
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=precision == "bf16")
+
     def batches():
         for start in range(0, len(images), BATCH):
             yield images[start : start + BATCH].cuda(non_blocking=True).contiguous(memory_format=torch.channels_last)
