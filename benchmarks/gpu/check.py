@@ -214,6 +214,8 @@ def onnx(out: Path) -> None:
     report = convert_onnx(ConvertOnnxParams(parity_images=64), model_path, MANIFEST, SUBSET, WORK / "onnx")
     onnx_path = WORK / "onnx" / "model.onnx"
     result = {"parity": {k: report[k] for k in ("provider", "bit_agreement", "confident_agreement", "max_abs_diff", "passed")}}
+    for shards in ("shards-cuda", "shards-auto"):  # a rerun of this part encodes again, not resumes
+        shutil.rmtree(WORK / shards, ignore_errors=True)
     try:
         encode_shards(EncodeParams(device="cuda"), onnx_path, MANIFEST, SUBSET, WORK / "shards-cuda")
         result["encode_device_cuda"] = "ran: expected the clear error of a CPU-only onnxruntime"
