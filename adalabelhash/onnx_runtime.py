@@ -40,11 +40,11 @@ def check_running_provider(device: str, running: list[str], expected_gpus: int =
         return provider
     if device == "cuda":
         raise UserError(f"device: cuda, but onnxruntime's CUDA provider did not load (running {', '.join(running)}): "
-                        "its CUDA 13 / cuDNN 9 libraries were not found or the NVIDIA driver is older than 580; "
-                        "onnxruntime's log above names the library")
+                        "its CUDA / cuDNN libraries were not found, or the NVIDIA driver is too old for them "
+                        "(CUDA 13 needs >= 580); onnxruntime's log above names the library")
     if device == "auto" and expected_gpus:
         raise UserError(f"device: auto, and this pod was given {expected_gpus} GPU(s), but onnxruntime runs on "
-                        f"{provider}: {GPU_INSTALL}, with an NVIDIA driver >= 580")
+                        f"{provider}: {GPU_INSTALL}, with CUDA libraries and a driver that fit it")
     return provider
 
 

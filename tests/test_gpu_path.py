@@ -131,7 +131,7 @@ def test_the_provider_that_runs_is_checked_against_the_request():
     # onnxruntime-gpu falls back to CPU when its CUDA libraries do not load: get_providers() says so
     assert check_running_provider("cuda", [CUDA, CPU]) == CUDA
     assert check_running_provider("auto", [CPU]) == CPU
-    with pytest.raises(UserError, match="CUDA provider did not load .*driver is older than 580"):
+    with pytest.raises(UserError, match=r"CUDA provider did not load .*driver is too old .*\(CUDA 13 needs >= 580\)"):
         check_running_provider("cuda", [CPU])
     with pytest.raises(UserError, match=r"given 1 GPU\(s\), but onnxruntime runs on CPUExecutionProvider"):
         check_running_provider("auto", [CPU], expected_gpus=1)
