@@ -279,7 +279,7 @@ def log_onnx_model(ref: RunRef, onnx_path: Path, extra_files: list[Path], image_
     example = np.zeros((1, 3, image_size, image_size), np.float32)
     from adalabelhash.onnx_runtime import open_session
 
-    session = open_session(onnx_path, prefer_gpu=False)
+    session = open_session(onnx_path, device="cpu")
     signature = infer_signature(example, session.run(None, {session.get_inputs()[0].name: example})[0])
     requirements = [f"onnx=={_version('onnx')}", f"onnxruntime=={_version('onnxruntime')}", f"numpy=={_version('numpy')}"]
 
@@ -338,6 +338,8 @@ class step_status:
         if self.ref.run_id is not None:
             status = "FINISHED" if exc_type is None else "KILLED" if issubclass(exc_type, KeyboardInterrupt) else "FAILED"
             try:
+                if status == "FAILED":  # why, on the run itself (e.g. a GPU pod that found no usable GPU)
+                    client(self.ref).set_tag(self.ref.run_id, "adalabelhash.error", f"{exc_type.__name__}: {exc}"[:5000])
                 client(self.ref).set_terminated(self.ref.run_id, status)
             except Exception:  # never hide the step's own error behind a tracking error
                 if exc_type is None:

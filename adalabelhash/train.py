@@ -31,7 +31,7 @@ from adalabelhash.errors import UserError
 from adalabelhash.fileio import atomic_output
 from adalabelhash.loss import adalabelhash_loss, csq_loss
 from adalabelhash.model import HashModel, margin_for
-from adalabelhash.train_config import TrainConfig
+from adalabelhash.train_config import EXPECTED_GPUS_ENV, TrainConfig, expected_gpus
 
 EpochCallback = Callable[[int, dict], None]
 
@@ -75,13 +75,33 @@ class FitResult:
     resumed_from_epoch: int = 0
     seconds: float = 0.0
     hardware: str = "not recorded"
+    precision: str = "not recorded"  # fp32 | bf16 | fp16 autocast, as resolved on that hardware
     stopped_early: bool = False
     extra: dict = field(default_factory=dict)
 
 
+DRIVER_NEEDED = "the pinned torch wheels are CUDA 13 builds: NVIDIA driver >= 580"
+
+
+def cuda_unavailable_reason() -> str:
+    """Why torch sees no GPU, in torch's own words when it gave any (an old driver warns here)."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        count = torch.cuda.device_count()
+    said = "; ".join(str(w.message).strip().splitlines()[0] for w in caught)
+    return (f"torch {torch.__version__} (CUDA {torch.version.cuda or 'none: a CPU build'}) sees {count} GPU(s)"
+            f"{': ' + said if said else ''}; {DRIVER_NEEDED}")
+
+
 def select_device(name: str = "auto") -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("device: cuda was requested but no CUDA device is available")
+        raise UserError(f"device: cuda was requested but no CUDA device is available: {cuda_unavailable_reason()}")
+    if name == "auto" and expected_gpus() and not torch.cuda.is_available():
+        # a GPU pod training on CPU would be 10-100x slower and say so only in a tag: refuse
+        raise UserError(f"device: auto, and this pod was given {expected_gpus()} GPU(s) ({EXPECTED_GPUS_ENV}), "
+                        f"but CUDA is unavailable: {cuda_unavailable_reason()}")
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and "LOCAL_RANK" in os.environ:  # one GPU per DDP process
@@ -105,16 +125,46 @@ def describe_hardware(device: torch.device) -> str:
     return f"cpu: {name}, {torch.get_num_threads()} threads, {torch.backends.cpu.get_cpu_capability()}{amx} kernels"
 
 
-def distributed() -> tuple[int, int]:
-    """(rank, world size); joins the process group that torchrun describes in the environment."""
+def process_group_backend(device: torch.device) -> str:
+    """NCCL for the GPU tensors and gloo for any CPU one (an NCCL-only group refuses CPU tensors)."""
+    return "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
+
+
+def distributed(device: torch.device | None = None) -> tuple[int, int]:
+    """(rank, world size); joins the process group that torchrun describes in the environment,
+    with the backend of the training `device` (already set as the current CUDA device)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return 0, 1
     import torch.distributed as dist
 
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        if device is None:
+            return int(os.environ["RANK"]), world  # not joined yet: torchrun's word for it
+        dist.init_process_group(process_group_backend(device))
     return dist.get_rank(), world
+
+
+def resolve_precision(requested: str, device: torch.device, bf16_supported: bool | None = None) -> str:
+    """fp32 | bf16 | fp16 (with a GradScaler). auto: fp32 on CPU; on CUDA bf16 where the GPU has
+    native bf16 (Ampere and later), else fp16 (T4, V100)."""
+    if device.type != "cuda":
+        if requested == "fp16":
+            raise UserError("precision: fp16 needs a CUDA device (CPU autocast supports bf16); use auto, fp32 or bf16")
+        return "fp32" if requested == "auto" else requested
+    if bf16_supported is None:
+        bf16_supported = torch.cuda.is_bf16_supported(including_emulation=False)
+    if requested == "auto":
+        return "bf16" if bf16_supported else "fp16"
+    if requested == "bf16" and not bf16_supported:
+        raise UserError("precision: bf16, but this GPU has no native bf16 (compute capability < 8.0); use auto or fp16")
+    return requested
+
+
+def autocast(device: torch.device, precision: str):
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
 
 
 class _TrainingForward(nn.Module):
@@ -147,11 +197,12 @@ def fit(
     started = time.perf_counter()
     if config.threads:
         torch.set_num_threads(config.threads)
-    rank, world = distributed()
-    listeners = callbacks if rank == 0 else ()
     device = select_device(config.device)
     if device.type == "cuda":
-        torch.cuda.set_device(device)
+        torch.cuda.set_device(device)  # before the process group: NCCL binds to the current device
+    rank, world = distributed(device)
+    listeners = callbacks if rank == 0 else ()
+    precision = resolve_precision(config.precision, device)
     identity = config.identity(data.fingerprint)
     memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
 
@@ -161,7 +212,8 @@ def fit(
     forward = _TrainingForward(model)
     if world > 1:
         forward = nn.parallel.DistributedDataParallel(forward, device_ids=[device] if device.type == "cuda" else None)
-    optimizer = _optimizer(config, model)
+    optimizer = _optimizer(config, model, fused=device.type == "cuda")
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")  # fp16 gradients underflow unscaled
     per_rank = len(data.train_images) // world  # equal shares: every rank takes as many steps
     steps_per_epoch = math.ceil(per_rank / config.batch_size)
     scheduler = _scheduler(config, optimizer, steps_per_epoch)
@@ -170,10 +222,10 @@ def fit(
     val_db = _validation_database(config, data)
 
     state = {"epoch": 0, "history": [], "best_value": None, "best_epoch": 0, "best_state": None, "finished": False,
-             "hardware": []}
+             "hardware": [], "precision": []}
     checkpoint = Path(checkpoint_dir) / identity / "last.pt" if checkpoint_dir else None
     if checkpoint and resume and checkpoint.exists():
-        state = _restore(checkpoint, identity, model, optimizer, scheduler)
+        state = _restore(checkpoint, identity, model, optimizer, scheduler, scaler)
         print(f"resuming from {checkpoint} after epoch {state['epoch']}")
         for metrics in state["history"]:
             for callback in listeners:
@@ -181,7 +233,7 @@ def fit(
     resumed_from = state["epoch"]
     hardware = describe_hardware(device)
 
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    amp = autocast(device, precision)
     from tqdm.auto import tqdm
 
     epochs = tqdm(range(state["epoch"], config.epochs), initial=state["epoch"], total=config.epochs,
@@ -190,12 +242,13 @@ def fit(
         if state["finished"]:
             break
         t0 = time.perf_counter()
-        if state["hardware"][-1:] != [hardware]:  # a resume on another machine adds one
-            state["hardware"].append(hardware)
+        for key, value in (("hardware", hardware), ("precision", precision)):
+            if state[key][-1:] != [value]:  # a resume on another machine adds one
+                state[key].append(value)
         generator = torch.Generator().manual_seed(config.seed * 1_000_003 + epoch)
         model.train()
         order = torch.randperm(len(data.train_images), generator=generator)[: per_rank * world][rank::world]
-        total_loss, seen = 0.0, 0
+        loss_sum, seen = torch.zeros((), dtype=torch.float64, device=device), 0  # on the device: no per-step sync
         batches = tqdm(range(0, len(order), config.batch_size), desc=f"epoch {epoch + 1}",
                        disable=_tqdm_disable(progress if rank == 0 else False), leave=False)
         for start in batches:
@@ -212,21 +265,21 @@ def fit(
                 if config.centre_pull:  # the hinge stops at the margin; this keeps pulling every bit
                     centres = torch.where(codewords.detach().float() >= 0, 1.0, -1.0)
                     loss = loss + config.centre_pull * csq_loss(codes.float(), centres, labels, quantization=0.0)
-            if not torch.isfinite(loss):
-                raise UserError(f"training diverged: loss is {loss.item()} at epoch {epoch + 1}; lower lr / head_lr")
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
             scheduler.step()
-            total_loss += loss.item() * len(index)
+            loss_sum += loss.detach() * len(index)
             seen += len(index)
-            batches.set_postfix(loss=f"{total_loss / seen:.4f}")
+        totals = torch.stack([loss_sum, torch.tensor(float(seen), dtype=torch.float64, device=device)])
         if world > 1:  # every rank reports (and decides on) the same numbers
-            totals = torch.tensor([total_loss, seen], dtype=torch.float64)
             torch.distributed.all_reduce(totals)
-            total_loss, seen = totals.tolist()
             for buffer in model.buffers():  # BatchNorm statistics of rank 0's last batch, everywhere
                 torch.distributed.broadcast(buffer, 0)
+        total_loss, seen = totals.tolist()  # the epoch's one host sync
+        if not math.isfinite(total_loss):  # checked per epoch: a per-step check would sync every step
+            raise UserError(f"training diverged: loss is {total_loss / seen} in epoch {epoch + 1}; lower lr / head_lr")
         metrics = {"epoch": epoch + 1, "train_loss": total_loss / seen, "lr": optimizer.param_groups[0]["lr"]}
         train_seconds = time.perf_counter() - t0
         metrics["train_images_per_s"] = seen / train_seconds
@@ -239,7 +292,7 @@ def fit(
         stale = state["epoch"] - state["best_epoch"]
         state["finished"] = state["epoch"] == config.epochs or (config.patience > 0 and stale >= config.patience)
         if checkpoint and rank == 0:
-            _save(checkpoint, identity, model, optimizer, scheduler, state)
+            _save(checkpoint, identity, model, optimizer, scheduler, scaler, state)
         epochs.set_postfix({k: f"{v:.4f}" for k, v in metrics.items() if k in ("train_loss", "val_mAP")})
         for callback in listeners:
             callback(epoch + 1, metrics)
@@ -251,6 +304,7 @@ def fit(
         best_value=float(state["best_value"]), identity=identity, resumed_from_epoch=resumed_from,
         seconds=time.perf_counter() - started, stopped_early=state["epoch"] < config.epochs,
         hardware=", then ".join(state["hardware"]) or FitResult.hardware,
+        precision=", then ".join(state["precision"]) or FitResult.precision,
     )
 
 
@@ -318,7 +372,8 @@ def _augment(images: torch.Tensor, config: TrainConfig, generator: torch.Generat
     return torch.where(flip[:, None, None, None], x.flip(3), x)
 
 
-def _optimizer(config: TrainConfig, model: HashModel) -> torch.optim.Optimizer:
+def _optimizer(config: TrainConfig, model: HashModel, fused: bool = False) -> torch.optim.Optimizer:
+    """fused (CUDA): one kernel per step, and a GradScaler's inf check stays on the GPU (no host sync)."""
     head = model.head_parameters()
     head_ids = {id(p) for p in head}
     backbone = [p for p in model.parameters() if p.requires_grad and id(p) not in head_ids]
@@ -327,10 +382,10 @@ def _optimizer(config: TrainConfig, model: HashModel) -> torch.optim.Optimizer:
         {"params": head, "lr": config.head_lr or config.lr},
     ]
     if config.optimizer == "adam":
-        return torch.optim.Adam(groups, weight_decay=config.weight_decay)
+        return torch.optim.Adam(groups, weight_decay=config.weight_decay, fused=fused or None)
     if config.optimizer == "adamw":
-        return torch.optim.AdamW(groups, weight_decay=config.weight_decay)
-    return torch.optim.SGD(groups, momentum=0.9, nesterov=True, weight_decay=config.weight_decay)
+        return torch.optim.AdamW(groups, weight_decay=config.weight_decay, fused=fused or None)
+    return torch.optim.SGD(groups, momentum=0.9, nesterov=True, weight_decay=config.weight_decay, fused=fused or None)
 
 
 def _scheduler(config: TrainConfig, optimizer, steps_per_epoch: int) -> torch.optim.lr_scheduler.LRScheduler:
@@ -371,7 +426,7 @@ def _update_best(state: dict, model: HashModel, metrics: dict, monitor: str) -> 
         state["best_state"] = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
 
 
-def _save(path: Path, identity: str, model, optimizer, scheduler, state: dict) -> None:
+def _save(path: Path, identity: str, model, optimizer, scheduler, scaler, state: dict) -> None:
     payload = {
         "format": "adalabelhash-checkpoint/1",
         "identity": identity,
@@ -379,6 +434,7 @@ def _save(path: Path, identity: str, model, optimizer, scheduler, state: dict) -
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict(),
         "torch_rng": torch.get_rng_state(),
         "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
         **state,
@@ -403,16 +459,19 @@ def load_checkpoint(path: Path, identity: str | None = None) -> dict:
     return payload
 
 
-def _restore(path: Path, identity: str, model, optimizer, scheduler) -> dict:
+def _restore(path: Path, identity: str, model, optimizer, scheduler, scaler) -> dict:
     payload = load_checkpoint(path, identity)
     model.load_state_dict(payload["model"])
     optimizer.load_state_dict(payload["optimizer"])
     scheduler.load_state_dict(payload["scheduler"])
+    if payload.get("scaler"):  # fp16 only (a disabled scaler's state is empty)
+        scaler.load_state_dict(payload["scaler"])
     torch.set_rng_state(payload["torch_rng"])
     if payload["cuda_rng"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(payload["cuda_rng"])
     state = {k: payload[k] for k in ("epoch", "history", "best_value", "best_epoch", "best_state", "finished")}
-    return {**state, "hardware": payload.get("hardware", [])}  # checkpoints before 2026-11-30 lack it
+    # checkpoints before 2026-11-30 lack the hardware, before 2026-12-06 the precision
+    return {**state, "hardware": payload.get("hardware", []), "precision": payload.get("precision", [])}
 
 
 def _tqdm_disable(progress: bool | None) -> bool | None:

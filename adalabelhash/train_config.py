@@ -8,6 +8,11 @@ from dataclasses import asdict, dataclass
 from typing import Literal, Optional
 
 
+# Set by the Kubeflow pipeline on every pod it gives GPUs (kfp.train_gpus, kfp.encode_gpus): with
+# device auto, a pod that cannot use them fails instead of running on its CPU.
+EXPECTED_GPUS_ENV = "ADALABELHASH_EXPECTED_GPUS"
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """params.yaml `train:`. Defaults are the reference recipe (ivclab/AdaLabelHash)."""
@@ -38,6 +43,8 @@ class TrainConfig:
     val_database_size: int = 2000  # training images the val queries are ranked against
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    # autocast: auto = bf16 on GPUs with native bf16, else fp16 (with a GradScaler); fp32 on CPU
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     threads: Optional[int] = None  # torch CPU threads (per process); null = torch's default
     processes: int = 1  # DDP processes on this machine (one per GPU; gloo on CPU), launched with torchrun
     decode_threads: int = 4  # parallel image decoding before training
@@ -68,7 +75,15 @@ class TrainConfig:
 
     def identity(self, data_fingerprint: str) -> str:
         """What a checkpoint must match to be resumed: every knob that changes the weights."""
-        semantic = {k: v for k, v in asdict(self).items() if k not in ("threads", "decode_threads", "device")}
+        # device and precision are recorded per epoch instead: a resume may continue on other hardware
+        semantic = {k: v for k, v in asdict(self).items() if k not in ("threads", "decode_threads", "device", "precision")}
         semantic["processes"] = max(self.processes, 1)  # the world size changes the effective batch
         blob = json.dumps({"config": semantic, "data": data_fingerprint}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def expected_gpus() -> int:
+    """GPUs the deployment gave this pod (0: none promised, CPU is fine)."""
+    import os
+
+    return int(os.environ.get(EXPECTED_GPUS_ENV, "0") or 0)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 if TYPE_CHECKING:
     from adalabelhash.tracking import RunRef
@@ -29,6 +29,7 @@ class ConvertOnnxParams:
     min_bit_agreement: float = 0.999  # overall; bits with |code| > confident_margin must all agree
     confident_margin: float = 1e-3
     flip_average: bool = False  # codes = mean over the image and its mirror; off for data that must not be mirrored
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # the parity check's execution provider: set it as encode.device
 
     def __post_init__(self):
         if self.parity_images < 2:
@@ -70,9 +71,10 @@ def convert_onnx(params: ConvertOnnxParams, model_path: Path, manifest_path: Pat
 
         with torch.no_grad():
             reference = model(torch.from_numpy(batch)).numpy()
-        session = open_session(onnx_path)
+        session = open_session(onnx_path, device=params.device)
         ort_codes = session.run([OUTPUT_NAME], {INPUT_NAME: batch})[0]
         single = session.run([OUTPUT_NAME], {INPUT_NAME: batch[:1]})[0]
+        provider = session.get_providers()[0]  # after the runs: onnxruntime may fall back to CPU inside run()
         report = parity_report(reference, ort_codes, params.confident_margin)
         report.update({
             "flip_average": params.flip_average,
@@ -81,6 +83,7 @@ def convert_onnx(params: ConvertOnnxParams, model_path: Path, manifest_path: Pat
             "bits": int(reference.shape[1]),
             "batch_dim": batch_dim.dim_param,
             "batch_of_one_matches": bool(np.array_equal(single >= 0, ort_codes[:1] >= 0)),
+            "provider": provider,  # the one that ran; "providers": its fallbacks after it
             "providers": session.get_providers(),
             "onnx_bytes": onnx_path.stat().st_size,
         })
@@ -149,6 +152,7 @@ def convert_onnx_tracked(params: ConvertOnnxParams, model_dir: Path, manifest_pa
     with tracking.step_status(ref):
         report = convert_onnx(params, Path(model_dir) / "model.pt", manifest_path, data_root, out_dir)
         tracking.log_metrics(ref, {"onnx_bit_agreement": report["bit_agreement"], "onnx_max_abs_diff": report["max_abs_diff"]})
+        tracking.set_tags(ref, {"convert_onnx.provider": report["provider"]})
         tracking.log_artifacts(ref, [Path(out_dir) / "parity.json"], "onnx")
         extra = [Path(codewords_dir) / "codewords.json", Path(codewords_dir) / "codewords.npy"]
         if monitor_params is not None:
@@ -179,4 +183,5 @@ def run(args: argparse.Namespace) -> None:
     report, _ = convert_onnx_tracked(params, args.model, args.manifest, args.data_root, args.codewords, args.out,
                                      args.codewords, load_section(MonitorParams, "monitor", args.params))
     print(f"model.onnx ({report['onnx_bytes'] / 1e6:.1f} MB, batch dim '{report['batch_dim']}'): bit agreement "
-          f"{report['bit_agreement']:.5f}, max |diff| {report['max_abs_diff']:.2e} on {report['images']} images -> {args.out}")
+          f"{report['bit_agreement']:.5f}, max |diff| {report['max_abs_diff']:.2e} on {report['images']} images "
+          f"({report['provider']}) -> {args.out}")

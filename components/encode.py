@@ -15,7 +15,7 @@ import time
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterator, Literal, Sequence
 
 import numpy as np
 
@@ -28,6 +28,7 @@ class EncodeParams:
     shard_size: int = 10000  # images per shard: the unit of resuming and of parallel encoding
     decode_threads: int = 4
     ort_threads: int = 0  # onnxruntime intra-op threads; 0 = onnxruntime's default
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # execution provider (adalabelhash/onnx_runtime.py)
 
     def __post_init__(self):
         for name in ("batch_size", "shard_size", "decode_threads"):
@@ -71,7 +72,7 @@ def encode_shards(params: EncodeParams, onnx_path: Path, manifest_path: Path, da
     bad = [i for i in indices if not 0 <= i < plan.num_shards]
     if bad:
         raise UserError(f"shard index {bad[0]} out of range: this manifest has {plan.num_shards} shards")
-    session = open_session(onnx_path, threads=params.ort_threads or None)
+    session = open_session(onnx_path, threads=params.ort_threads or None, device=params.device)
     size = session.get_inputs()[0].shape[2]
     key = shard_key(onnx_path, manifest.fingerprint())
     files = manifest.files(data_root)
@@ -97,9 +98,10 @@ def encode_shards(params: EncodeParams, onnx_path: Path, manifest_path: Path, da
             inferred += time.perf_counter() - start
             progress.update(len(batch))
         progress.close()
-        _save_shard(target, key, ids, np.concatenate(codes))
+        _save_shard(target, key, ids, np.concatenate(codes), session.get_providers()[0])
         done += 1
     return {"shards": plan.num_shards, "encoded": done, "skipped": skipped, "images": int(len(plan.ids)),
+            "provider": session.get_providers()[0],
             # decode keeps up when the model rarely waits for it
             "decode_wait_seconds": round(waited, 2), "inference_seconds": round(inferred, 2)}
 
@@ -116,12 +118,14 @@ def merge_shards(params: EncodeParams, onnx_path: Path, manifest_path: Path, sha
     plan = plan_shards(params, manifest)
     key = shard_key(onnx_path, manifest.fingerprint())
     found = {p.name: p for d in shards_dirs for p in Path(d).glob("shard-*.npz")}
-    codes = []
+    codes, providers = [], set()
     for index in range(plan.num_shards):
         name = shard_path(Path("."), index, plan.num_shards).name
         if name not in found or not _shard_is_complete(found[name], key, plan.shard_ids(index)):
             raise UserError(f"shard {index + 1}/{plan.num_shards} is missing or belongs to another model/dataset: encode it first")
-        codes.append(np.load(found[name])["codes"])
+        with np.load(found[name]) as shard:
+            codes.append(shard["codes"])
+            providers.add(str(shard["provider"]) if "provider" in shard else "not recorded")  # shards before 2026-12-06
     codes = np.concatenate(codes)
     database = manifest.frame["database"].to_numpy()[plan.ids]
     index = faiss.IndexBinaryIDMap(faiss.IndexBinaryFlat(codes.shape[1] * 8))
@@ -132,6 +136,7 @@ def merge_shards(params: EncodeParams, onnx_path: Path, manifest_path: Path, sha
         "database": int(database.sum()),
         "bits": int(codes.shape[1] * 8),
         "shards": plan.num_shards,
+        "providers": sorted(providers),  # the onnxruntime execution providers that encoded the shards
         "dataset_fingerprint": manifest.fingerprint(),
     }
     with atomic_directory(out_dir) as tmp:
@@ -207,11 +212,20 @@ def _shard_is_complete(path: Path, key: str, ids: np.ndarray) -> bool:
         return False  # a foreign or damaged file: encode the shard again
 
 
-def _save_shard(path: Path, key: str, ids: np.ndarray, codes: np.ndarray) -> None:
+def _save_shard(path: Path, key: str, ids: np.ndarray, codes: np.ndarray, provider: str) -> None:
     from adalabelhash.fileio import atomic_output
 
     with atomic_output(path) as tmp:
-        np.savez(tmp, key=np.array(key), ids=ids, codes=codes)
+        np.savez(tmp, key=np.array(key), ids=ids, codes=codes, provider=np.array(provider))
+
+
+def tag_providers(onnx_path: Path, summary: dict) -> None:
+    """Record the encoding providers on the model's MLflow run (convert-onnx's reference, beside model.onnx)."""
+    from adalabelhash import tracking
+
+    run_file = Path(onnx_path).parent / tracking.RUN_FILE
+    if run_file.is_file():
+        tracking.set_tags(tracking.RunRef.load(run_file), {"encode.providers": ", ".join(summary["providers"])})
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -239,11 +253,13 @@ def run(args: argparse.Namespace) -> None:
         summary = merge_shards(params, args.onnx, args.manifest, [args.shards_dir], args.out)
     elif args.shard is not None:
         summary = encode_shards(params, args.onnx, args.manifest, args.data_root, args.shards_dir, only=args.shard)
-        print(f"encoded {summary['encoded']} shard(s), {summary['skipped']} already done -> {args.shards_dir}")
+        print(f"encoded {summary['encoded']} shard(s) on {summary['provider']}, {summary['skipped']} already done "
+              f"-> {args.shards_dir}")
         return
     else:
         summary = encode(params, args.onnx, args.manifest, args.data_root, args.shards_dir, args.out)
+    tag_providers(args.onnx, summary)
     print(f"{summary['queries']} queries + {summary['database']} database images, {summary['bits']} bits, "
-          f"{summary['shards']} shard(s) -> {args.out}")
+          f"{summary['shards']} shard(s) on {', '.join(summary['providers'])} -> {args.out}")
     if "inference_seconds" in summary:
         print(f"  model {summary['inference_seconds']:.1f} s, waiting for decoded images {summary['decode_wait_seconds']:.1f} s")

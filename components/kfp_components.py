@@ -234,12 +234,14 @@ def merge_shards(encode: dict, onnx_model: Input[Model], dataset: Input[Dataset]
     from pathlib import Path
 
     from adalabelhash.data.manifest import MANIFEST_NAME
-    from components.encode import merge_shards as merge
+    from components.encode import merge_shards as merge, tag_providers
     from pipelines.config import section
 
-    summary = merge(section("encode", encode), Path(onnx_model.path) / "model.onnx", Path(dataset.path) / MANIFEST_NAME,
+    onnx_path = Path(onnx_model.path) / "model.onnx"
+    summary = merge(section("encode", encode), onnx_path, Path(dataset.path) / MANIFEST_NAME,
                     [Path(s.path) for s in shards], Path(encoded.path))
-    encoded.metadata.update({k: summary[k] for k in ("images", "queries", "database", "bits", "shards")})
+    tag_providers(onnx_path, summary)
+    encoded.metadata.update({k: summary[k] for k in ("images", "queries", "database", "bits", "shards", "providers")})
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)

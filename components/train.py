@@ -78,6 +78,7 @@ def train(
         "dataset_fingerprint": manifest.fingerprint(),
         "identity": result.identity,
         "hardware": result.hardware,
+        "precision": result.precision,
     }
     if distributed()[0] != 0:  # DDP: rank 0 writes the outputs
         return summary
@@ -137,11 +138,13 @@ def train_tracked(all_params: dict, manifest_path: Path, data_root: Path, valida
     from adalabelhash.data.validation import require_passed
     from adalabelhash.params import parse_section
     from adalabelhash.train import distributed
+    from adalabelhash.train_config import expected_gpus
 
     params = parse_section(TrainConfig, all_params.get("train"), "train")
     mlflow_params = parse_section(tracking.MlflowParams, all_params.get("mlflow"), "mlflow")
     fingerprint = Manifest.load(manifest_path).fingerprint()
     require_passed(validation_dir, fingerprint)  # and on this dataset version, not only on some data
+    check_processes_fit_gpus(params.processes, expected_gpus())
     if params.processes > 1 and "WORLD_SIZE" not in os.environ:
         return _launch_torchrun(params.processes, all_params, manifest_path, data_root, validation_dir, out_dir,
                                 checkpoint_dir, resume, cache_dir)
@@ -156,11 +159,20 @@ def train_tracked(all_params: dict, manifest_path: Path, data_root: Path, valida
                         callbacks=(tracking.epoch_logger(ref),))
         tracking.log_metrics(ref, {"best_val_value": summary["best_value"], "best_epoch": summary["best_epoch"],
                                    "train_seconds": summary["seconds"]})
-        tracking.set_tags(ref, {"train.hardware": summary["hardware"]})
+        tracking.set_tags(ref, {"train.hardware": summary["hardware"], "train.precision": summary["precision"]})
         tracking.log_artifacts(ref, [out_dir / n for n in ("history.csv", "curves.png", "train_summary.json")], "train")
     if distributed()[0] == 0:
         ref.save(out_dir)
     return summary, ref
+
+
+def check_processes_fit_gpus(processes: int, gpus: int) -> None:
+    """One DDP process per GPU the deployment gave: fewer would leave GPUs idle, more would share one."""
+    from adalabelhash.errors import UserError
+
+    if gpus and processes != gpus:
+        raise UserError(f"train.processes is {processes} but kfp.train_gpus gives the train pod {gpus} GPU(s): "
+                        "set them equal, one DDP process per GPU")
 
 
 def _launch_torchrun(processes: int, all_params: dict, manifest_path, data_root, validation_dir, out_dir,

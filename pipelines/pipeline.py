@@ -10,6 +10,7 @@ retries, volumes, encode parallelism) is params.yaml `kfp:`, applied when it is 
 recompiles and diffs it).
 """
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -18,7 +19,9 @@ from kfp import compiler, dsl, kubernetes
 
 from adalabelhash.errors import UserError
 from adalabelhash.params import load_params, parse_section
+from adalabelhash.train_config import EXPECTED_GPUS_ENV
 from components import kfp_components as steps
+from components.train import check_processes_fit_gpus
 from pipelines import config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -26,6 +29,7 @@ PARAMS = REPO / "params.yaml"
 PACKAGE = Path(__file__).with_name("adalabelhash_pipeline.yaml")
 NAME = "adalabelhash"
 STEP_SECTIONS = tuple(config.SECTIONS)
+SHM_MOUNT = "/dev/shm"  # DataLoader workers hand batches over through it; the container default is 64 MB
 DATA_MOUNT = "/mnt/data"  # where kfp.data_pvc is mounted in the prepare pod
 CHECKPOINT_MOUNT = "/mnt/checkpoints"  # where kfp.checkpoints_pvc is mounted in the train pod
 TOLERATION_KEYS = {"key", "operator", "value", "effect", "toleration_seconds"}
@@ -47,6 +51,7 @@ class KfpSettings:
     encode_parallelism: int = 4
     retries: int = 2
     retry_backoff: str = "60s"
+    shm_size: str = "4Gi"
     data_pvc: Optional[str] = None
     checkpoints_pvc: Optional[str] = None
     mlflow_secret: Optional[str] = None
@@ -55,6 +60,8 @@ class KfpSettings:
     def __post_init__(self):
         if min(self.train_gpus, self.encode_gpus, self.retries) < 0 or self.encode_parallelism < 1:
             raise ValueError("train_gpus, encode_gpus and retries must be >= 0, encode_parallelism >= 1")
+        if not re.fullmatch(r"\d+(\.\d+)?([KMGT]i?)?", self.shm_size):
+            raise ValueError(f"shm_size must be a Kubernetes quantity like '4Gi', got {self.shm_size!r}")
         if not self.retry_backoff.endswith("s") or not self.retry_backoff[:-1].isdigit():
             raise ValueError(f"retry_backoff must be seconds like '60s', got {self.retry_backoff!r}")
         for toleration in self.gpu_tolerations:
@@ -75,8 +82,11 @@ def build_pipeline(params: dict):
     """The pipeline, with parameter defaults and deployment settings from `params` (params.yaml)."""
     settings = parse_section(KfpSettings, params.get("kfp"), "kfp")
     values = defaults(params)
+    # kfp.train_gpus decides the DDP processes too: refuse a pipeline whose default disagrees (a
+    # submit-time override is refused by the train step itself, which sees the same GPU count)
+    check_processes_fit_gpus(values["train"].get("processes", 1), settings.train_gpus)
 
-    def configure(task, gpus: int = 0, retry: bool = True):
+    def configure(task, gpus: int = 0, retry: bool = True, shm: bool = False):
         if settings.mlflow_secret:  # every step may log to MLflow
             kubernetes.use_secret_as_env(task, settings.mlflow_secret, {k: k for k in settings.mlflow_secret_keys})
         if retry and settings.retries:
@@ -88,6 +98,9 @@ def build_pipeline(params: dict):
                 kubernetes.add_node_selector(task, key, str(value))
             for toleration in settings.gpu_tolerations:
                 kubernetes.add_toleration(task, **toleration)
+            task.set_env_variable(EXPECTED_GPUS_ENV, str(gpus))  # device auto then fails rather than use the CPU
+        if shm:
+            kubernetes.empty_dir_mount(task, "dshm", SHM_MOUNT, medium="Memory", size_limit=settings.shm_size)
         return task
 
     @dsl.pipeline(name=NAME, description="AdaLabelHash: train learned binary hash codes, export their codewords and "
@@ -123,27 +136,29 @@ def build_pipeline(params: dict):
                                                    force_retrain=force_retrain)).set_caching_options(False)
 
             with dsl.If(watched.outputs["Output"] == True, name="retrain"):  # noqa: E712
-                # Multi-GPU: train.processes > 1 runs DDP under torchrun inside this pod; give it as many
-                # GPUs (kfp.train_gpus). Several nodes: a PyTorchJob (README, "Distributed training").
+                # Multi-GPU: train.processes > 1 runs DDP under torchrun inside this pod, one process per
+                # GPU (kfp.train_gpus, checked above). Several nodes: a PyTorchJob (README, "Distributed training").
                 trained = configure(steps.train_model(
                     prepare=prepare, validate=validate, train=train, mlflow=mlflow, dataset=dataset,
                     validation=gate.outputs["report"],
                     checkpoint_dir=CHECKPOINT_MOUNT if settings.checkpoints_pvc else "",
-                ), gpus=settings.train_gpus)
+                ), gpus=settings.train_gpus, shm=True)
                 if settings.checkpoints_pvc:
                     kubernetes.mount_pvc(trained, settings.checkpoints_pvc, CHECKPOINT_MOUNT)
                 model = trained.outputs["model"]
                 exported = configure(steps.export_codewords(export_codewords=export_codewords, model=model,
                                                             run=trained.outputs["Output"]))
                 codewords = exported.outputs["codewords"]
+                # the parity check runs on the execution provider the encode shards get: on a GPU too if they do
                 converted = configure(steps.convert_onnx(convert_onnx=convert_onnx, monitor=monitor, model=model,
                                                          dataset=dataset, codewords=codewords,
-                                                         run=exported.outputs["Output"]))
+                                                         run=exported.outputs["Output"]),
+                                      gpus=min(settings.encode_gpus, 1))
                 onnx_model = converted.outputs["onnx_model"]
                 plan = configure(steps.plan_shards(encode=encode, dataset=dataset))
                 with dsl.ParallelFor(plan.output, parallelism=settings.encode_parallelism) as shard:
                     encoded_shard = configure(steps.encode_shard(encode=encode, onnx_model=onnx_model, dataset=dataset,
-                                                                 shard=shard), gpus=settings.encode_gpus)
+                                                                 shard=shard), gpus=settings.encode_gpus, shm=True)
                 merged = configure(steps.merge_shards(encode=encode, onnx_model=onnx_model, dataset=dataset,
                                                       shards=dsl.Collected(encoded_shard.outputs["shards"])))
                 evaluated = configure(steps.evaluate_retrieval(

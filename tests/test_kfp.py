@@ -104,6 +104,7 @@ def test_dict_parameters_survive_protobuf_numbers():
 
 def test_deployment_settings_reach_the_compiled_spec(tmp_path):
     params = load_params(PARAMS)
+    params["train"] = {**params["train"], "processes": 2}
     params["kfp"] = {**params["kfp"], "train_gpus": 2, "gpu_node_selector": {"gpu": "a100"},
                      "encode_parallelism": 3, "retries": 1, "data_pvc": "raw-data", "checkpoints_pvc": "ckpt",
                      "mlflow_secret": "mlflow-creds", "mlflow_secret_keys": ["MLFLOW_TRACKING_TOKEN"]}

@@ -32,6 +32,7 @@ def test_train_outputs_model_history_and_curves(trained):
     summary = json.loads((out / "train_summary.json").read_text())
     assert summary["epochs_run"] == 3 and summary["monitor"] == "val_mAP" and 0 < summary["best_value"] <= 1
     assert re.fullmatch(r"cpu: .+, \d+ threads, \w+( \+ AMX)? kernels", summary["hardware"]), summary["hardware"]
+    assert summary["precision"] == "fp32"  # precision auto on CPU
     # every epoch's time (history.csv) adds up to the total a resumed run reports
     epoch_seconds = [float(row.split(",")[-1]) for row in (out / "history.csv").read_text().splitlines()[1:]]
     assert summary["epoch_seconds_total"] == round(sum(epoch_seconds), 2) > 0
@@ -68,6 +69,7 @@ def test_onnx_is_one_file_with_symbolic_batch_and_bit_parity(trained):
     report = json.loads((out / "parity.json").read_text())
     assert report["passed"] and report["bit_agreement"] >= 0.999 and report["confident_agreement"] == 1.0
     assert report["batch_dim"] and report["batch_of_one_matches"]
+    assert report["provider"] == "CPUExecutionProvider"  # device auto, this onnxruntime has no CUDA provider
 
     import onnxruntime as ort
 
@@ -118,6 +120,7 @@ def test_encode_in_shards_resumes_and_matches_pytorch(trained, tmp_path):
     summary = encode(params, trained["onnx"], trained["manifest"], trained["root"], shards, tmp_path / "encoded")
     assert (summary["encoded_shards"], summary["resumed_shards"]) == (3, 2)
     assert summary["queries"] == 100 and summary["database"] == 1697 and summary["bits"] == 16
+    assert summary["providers"] == ["CPUExecutionProvider"]  # read back from the sessions, kept in each shard
 
     data = np.load(tmp_path / "encoded" / "codes.npz")
     manifest = Manifest.load(trained["manifest"])
