@@ -23,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "evaluate": ("components.evaluate", "retrieval metrics, PR curves, example grid"),
     "promote": ("components.promote", "register the model and gate aliases on mAP"),
     "search": ("components.search", "find the nearest database images for query images"),
+    "serve": ("adalabelhash.serving.cli", "HTTP retrieval service for the registered @champion; follows the alias"),
     "kfp": ("pipelines.cli", "compile, run locally, submit or schedule the Kubeflow pipeline"),
 }
 

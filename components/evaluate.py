@@ -176,8 +176,24 @@ def evaluate_tracked(params: EvaluateParams, encoded_dir: Path, manifest_path: P
         metrics = evaluate(params, encoded_dir, manifest_path, data_root, out_dir, codewords_path)
         tracking.log_metrics(ref, {k: v for k, v in metrics.items() if k not in ("stable_seed",)})
         tracking.log_artifacts(ref, sorted(Path(out_dir).glob("*")), "evaluation")
+        log_database(ref, encoded_dir, manifest_path)
     ref.save(out_dir)
     return metrics, ref
+
+
+def log_database(ref: "RunRef", encoded_dir: Path, manifest_path: Path) -> None:
+    """The database codes with ids, labels and paths, into the run the registered version points at
+    (promote registers this step's run), so `serve` needs nothing but the tracking URI."""
+    if ref.run_id is None:
+        return
+    import tempfile
+
+    from adalabelhash import tracking
+    from adalabelhash.database import ARTIFACT_PATH, database_from_encoded, write_database
+
+    with tempfile.TemporaryDirectory() as tmp:
+        write_database(database_from_encoded(encoded_dir, manifest_path), Path(tmp) / ARTIFACT_PATH)
+        tracking.log_artifacts(ref, [Path(tmp) / ARTIFACT_PATH], ARTIFACT_PATH)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
