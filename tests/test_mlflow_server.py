@@ -1,13 +1,11 @@
-"""A real `mlflow server` (mlflow/serve-local.sh) on loopback: promote over HTTP, and the UI in Chromium."""
+"""A real `mlflow server` (mlflow/serve-local.sh, the `mlflow_server` fixture) on loopback: promote over
+HTTP, and the UI in Chromium."""
 
 import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -19,40 +17,9 @@ REPO = Path(__file__).resolve().parents[1]
 ARTIFACTS = REPO / "test-artifacts"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    store = tmp_path_factory.mktemp("mlflow-server")
-    port = free_port()
-    env = {**os.environ, "MLFLOW_PORT": str(port), "MLFLOW_STORE_DIR": str(store)}
-    log = open(store / "server.log", "w")
-    proc = subprocess.Popen(["bash", str(REPO / "mlflow" / "serve-local.sh")], env=env, stdout=log,
-                            stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180  # ~30 s on a quiet 2-core machine
-    while True:
-        try:
-            if requests.get(f"{url}/health", timeout=2).status_code == 200:
-                break
-        except requests.RequestException:  # refused or not answering yet
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            os.killpg(proc.pid, signal.SIGTERM)
-            pytest.fail(f"mlflow server did not come up: {(store / 'server.log').read_text()[-2000:]}")
-        time.sleep(1)
-    yield url
-    os.killpg(proc.pid, signal.SIGTERM)
-    proc.wait(timeout=30)
-
-
 @pytest.mark.slow
-def test_promote_step_over_http_read_back_through_rest(server, trained, tmp_path):
-    params = tracking.MlflowParams(experiment="over-http", tracking_uri=server)
+def test_promote_step_over_http_read_back_through_rest(mlflow_server, trained, tmp_path):
+    params = tracking.MlflowParams(experiment="over-http", tracking_uri=mlflow_server)
     ref = tracking.start_run(params, {"train": {"bits": 16}}, {"dataset.fingerprint": "d" * 64}, "http-run")
     ref = tracking.log_onnx_model(ref, trained["onnx"], [trained["codewords"] / "codewords.json"], image_size=16)
     ref.save(tmp_path / "run")
@@ -66,7 +33,7 @@ def test_promote_step_over_http_read_back_through_rest(server, trained, tmp_path
     assert proc.returncode == 0, proc.stderr
     assert "served-model v1 -> champion" in proc.stdout
 
-    api = f"{server}/api/2.0/mlflow"
+    api = f"{mlflow_server}/api/2.0/mlflow"
     alias = requests.get(f"{api}/registered-models/alias", params={"name": "served-model", "alias": "champion"}, timeout=30)
     assert alias.status_code == 200, alias.text
     version = alias.json()["model_version"]
@@ -94,8 +61,8 @@ def chromium_driver():
 
 
 @pytest.mark.slow
-def test_ui_compares_two_runs_side_by_side(server):
-    params = tracking.MlflowParams(experiment="compare-in-ui", tracking_uri=server)
+def test_ui_compares_two_runs_side_by_side(mlflow_server):
+    params = tracking.MlflowParams(experiment="compare-in-ui", tracking_uri=mlflow_server)
     refs = []
     for name, value in (("lite0-48bits", 0.8123), ("lite0-64bits", 0.7789)):
         ref = tracking.start_run(params, {"train": {"bits": int(name[-6:-4])}}, {}, name)
@@ -106,7 +73,7 @@ def test_ui_compares_two_runs_side_by_side(server):
     from selenium.webdriver.support.ui import WebDriverWait
 
     runs = json.dumps([r.run_id for r in refs])
-    url = f"{server}/#/compare-runs?runs={runs}&experiments={json.dumps([refs[0].experiment_id])}"
+    url = f"{mlflow_server}/#/compare-runs?runs={runs}&experiments={json.dumps([refs[0].experiment_id])}"
     browser = chromium_driver()
     try:
         browser.get(url)

@@ -137,13 +137,6 @@ def test_encode_in_shards_resumes_and_matches_pytorch(trained, tmp_path):
     assert (again["encoded"], again["skipped"]) == (1, 4)
 
 
-@pytest.fixture(scope="module")
-def encoded(trained, tmp_path_factory):
-    out = tmp_path_factory.mktemp("encoded")
-    encode(EncodeParams(), trained["onnx"], trained["manifest"], trained["root"], out / "shards", out / "encode")
-    return out / "encode"
-
-
 def test_evaluate_writes_sane_metrics_curves_and_examples(trained, encoded, tmp_path):
     params = EvaluateParams(topk=[100], precision_at=[10, 100], examples=3, example_k=5)
     metrics = evaluate(params, encoded, trained["manifest"], trained["root"], tmp_path / "ev",

@@ -24,7 +24,7 @@ import json
 import time
 from dataclasses import dataclass
 
-import numpy as np
+from fastapi import Request  # at module level: FastAPI resolves the handlers' annotations here
 
 from adalabelhash.errors import UserError
 from adalabelhash.serving.loader import Follower, ServedModel
@@ -48,7 +48,7 @@ class ApiError(Exception):
 
 
 def create_app(follower: Follower, settings: ApiSettings):
-    from fastapi import FastAPI, Request
+    from fastapi import FastAPI
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, Response
     from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
