@@ -112,6 +112,30 @@ def test_database_round_trip_and_inconsistent_files_refused(trained, encoded, tm
         load_database(tmp_path / "db")
 
 
+def test_cluster_manifest_probes_health_and_reads_the_pipelines_mlflow_secret():
+    import yaml
+
+    from pipelines import config
+    from pipelines.pipeline import MLFLOW_SECRET_KEYS
+
+    deployment, service = yaml.safe_load_all((Path(__file__).resolve().parents[1] / "deploy" / "serve.yaml").read_text())
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    assert container["image"] == config.IMAGE
+    args = container["args"]
+    assert args[0] == "serve" and args[args.index("--host") + 1] == "0.0.0.0"
+    assert container["ports"][0]["containerPort"] == int(args[args.index("--port") + 1])
+    assert container["readinessProbe"]["httpGet"] == {"path": "/health", "port": "http"}
+    assert container["envFrom"][0]["secretRef"]["name"] == "adalabelhash-mlflow"
+    assert "MLFLOW_TRACKING_TOKEN" in MLFLOW_SECRET_KEYS
+    assert service["spec"]["selector"] == deployment["spec"]["template"]["metadata"]["labels"]
+    assert service["spec"]["ports"][0]["targetPort"] == "http"
+    # the image copies params.yaml into /opt/adalabelhash, where --params points: the model name comes from it
+    dockerfile = (Path(__file__).resolve().parents[1] / "Dockerfile").read_text().splitlines()
+    copied_into = {line.split()[1] for line in dockerfile if line.startswith("WORKDIR")}
+    assert args[args.index("--params") + 1] == "/opt/adalabelhash/params.yaml" and "/opt/adalabelhash" in copied_into
+    assert any(line.startswith("COPY") and " params.yaml " in line for line in dockerfile)
+
+
 # ---------------------------------------------------------------------------- registry + services
 
 
