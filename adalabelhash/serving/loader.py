@@ -87,7 +87,8 @@ class Follower:
     """Keeps `current` on the version holding the alias: polls every `poll_seconds`, and at once
     when `wake()` is called (a verified webhook). A new version is loaded and checked off to the
     side, then swapped in with one assignment; a version that fails to load is logged, remembered
-    (not retried until the alias moves to it again) and the old one keeps serving."""
+    (not retried while the alias stays on it; retried if the alias leaves and comes back) and the
+    old one keeps serving."""
 
     def __init__(self, client, name: str, alias: str, poll_seconds: float,
                  load: Callable[[str], ServedModel], on_event: Callable[[str, dict], None] = lambda *_: None):
@@ -126,6 +127,7 @@ class Follower:
         except Exception as exc:  # registry unreachable: keep serving what we have
             log.warning("reading %s@%s failed: %s", self.name, self.alias, str(exc).splitlines()[0][:300])
             return
+        self.failed = {v: why for v, why in self.failed.items() if v == version}  # moved away: retry it later
         current = self.current
         if version is None or (current is not None and current.version == version) or version in self.failed:
             return
