@@ -50,6 +50,8 @@ def run(args: argparse.Namespace) -> None:
     name = load_section(PromoteParams, "promote", args.params).model_name
     uri = tracking.resolve_tracking_uri(load_section(tracking.MlflowParams, "mlflow", args.params))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a log, not a terminal
     follower = Follower(tracking.client(uri), name, args.alias, args.poll_seconds,
                         lambda version: load_version(uri, name, version, index_params, args.ort_threads or None))
     settings = ApiSettings(max_upload_bytes=int(args.max_upload_mb * 2**20), max_k=args.max_k,
