@@ -102,25 +102,11 @@ def create_app(follower: Follower, settings: ApiSettings):
         where = ".".join(str(p) for p in first.get("loc", ()))
         return error(422, f"{where}: {first.get('msg')}")
 
-    @app.middleware("http")
-    async def guard_and_measure(request: Request, call_next):
-        started = time.perf_counter()
-        path = request.url.path
-        if settings.token and path not in ("/health", "/webhook"):
-            given = request.headers.get("authorization", "")
-            if not hmac.compare_digest(given.encode(), f"Bearer {settings.token}".encode()):
-                response = error(401, "missing or wrong bearer token", {"WWW-Authenticate": "Bearer"})
-                requests_total.labels(path if path in ("/metrics", "/search") else "other", 401).inc()
-                return response
-        try:
-            response = await call_next(request)
-        except Exception as exc:  # never a bare 500 page
-            response = error(500, f"internal error: {exc.__class__.__name__}")
-        route = request.scope.get("route")
-        endpoint = route.path if route is not None else "other"
-        requests_total.labels(endpoint, response.status_code).inc()
-        latency.labels(endpoint).observe(time.perf_counter() - started)
-        return response
+    @app.exception_handler(Exception)
+    async def internal_error(request, exc):  # never a bare 500 page
+        return error(500, f"internal error: {exc.__class__.__name__}")
+
+    app.add_middleware(GuardAndMeasure, token=settings.token, requests_total=requests_total, latency=latency)
 
     def serving() -> ServedModel:
         model = follower.current
@@ -177,6 +163,45 @@ def create_app(follower: Follower, settings: ApiSettings):
     return app
 
 
+class GuardAndMeasure:
+    """Plain ASGI middleware (cheaper than Starlette's BaseHTTPMiddleware): the bearer token check,
+    then request counts and latency per route template."""
+
+    OPEN_PATHS = ("/health", "/webhook")
+
+    def __init__(self, app, token, requests_total, latency):
+        self.app, self.token, self.requests_total, self.latency = app, token, requests_total, latency
+        self.expected = f"Bearer {token}".encode() if token else b""
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = time.perf_counter()
+        if self.token and scope["path"] not in self.OPEN_PATHS:
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            if not hmac.compare_digest(given, self.expected):
+                from fastapi.responses import JSONResponse
+
+                self.requests_total.labels("unauthorized", 401).inc()
+                response = JSONResponse({"error": "missing or wrong bearer token"}, status_code=401,
+                                        headers={"WWW-Authenticate": "Bearer"})
+                return await response(scope, receive, send)
+        status = [500]
+
+        async def send_and_note(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_note)
+        finally:
+            route = scope.get("route")
+            endpoint = route.path if route is not None else "other"
+            self.requests_total.labels(endpoint, status[0]).inc()
+            self.latency.labels(endpoint).observe(time.perf_counter() - started)
+
+
 async def read_upload(request, limit: int) -> bytes:
     """The `image` field of a multipart body, refusing anything over `limit` bytes before reading it all."""
     declared = request.headers.get("content-length")
@@ -203,7 +228,7 @@ async def read_upload(request, limit: int) -> bytes:
     return data
 
 
-def search_pixels(model: ServedModel, data: bytes, k: int, rerank: int) -> dict:
+def search_pixels(model: ServedModel, data: bytes, k: int, rerank: int):
     from adalabelhash.codes import pack_codes
     from adalabelhash.data.images import decode_rgb
     from adalabelhash.preprocess import fit_image
@@ -220,14 +245,17 @@ def search_pixels(model: ServedModel, data: bytes, k: int, rerank: int) -> dict:
     return answer(model, distances, positions)
 
 
-def answer(model: ServedModel, distances, positions, rerank_distances=None) -> dict:
+def answer(model: ServedModel, distances, positions, rerank_distances=None):
+    """The JSON answer, as a response (plain types already: FastAPI's encoder pass is skipped)."""
+    from fastapi.responses import JSONResponse
+
     database = model.database
     results = [{"id": int(database.ids[p]), "label": database.labels[p], "path": database.paths[p], "distance": int(d)}
                for d, p in zip(distances, positions)]
     if rerank_distances is not None:
         for result, value in zip(results, rerank_distances):
             result["rerank_distance"] = round(float(value), 4)
-    return {"model_version": model.version, "results": results}
+    return JSONResponse({"model_version": model.version, "results": results})
 
 
 def verify_signature(secret: str, headers, body: bytes) -> None:
