@@ -154,8 +154,11 @@ def create_app(follower: Follower, settings: ApiSettings):
             raise ApiError(404, "webhook not enabled (set ADALABELHASH_WEBHOOK_SECRET)")
         body = await request.body()
         verify_signature(settings.webhook_secret, request.headers, body)
-        event = json.loads(body)
-        data = event.get("data", {})
+        try:
+            event = json.loads(body)
+            data = event.get("data") or {}
+        except (ValueError, AttributeError):
+            raise ApiError(400, "webhook body is not a JSON object") from None
         if event.get("entity") == "model_version_alias" and data.get("name") == follower.name:
             follower.wake()  # the follower reads the alias itself: the payload only says when
         return {"received": f"{event.get('entity')}.{event.get('action')}"}

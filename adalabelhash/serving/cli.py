@@ -27,7 +27,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--nprobe", type=int, default=32, help="IVF lists visited per query")
     parser.add_argument("--max-upload-mb", type=float, default=10.0)
     parser.add_argument("--max-k", type=int, default=1000)
-    parser.add_argument("--ort-threads", type=int, default=0, help="onnxruntime intra-op threads (0: its default)")
+    # requests already run in parallel; one intra-op thread each keeps a busy machine from stalling every call
+    parser.add_argument("--ort-threads", type=int, default=1, help="onnxruntime intra-op threads per request (0: its default)")
 
 
 def run(args: argparse.Namespace) -> None:

@@ -33,13 +33,14 @@ class CodeIndex:
     def __init__(self, codes: np.ndarray, params: IndexParams = IndexParams()):
         import faiss
 
-        faiss.omp_set_num_threads(params.threads)
+        self.threads = params.threads
         codes = np.ascontiguousarray(codes, dtype=np.uint8)
         self.codes, self.bits = codes, 8 * codes.shape[1]
         self.exact = len(codes) <= params.flat_max
         if self.exact:
             self.index = faiss.IndexBinaryFlat(self.bits)
         else:
+            faiss.omp_set_num_threads(params.threads)
             nlist = min(params.nlist, max(1, len(codes) // 39))  # faiss wants >= 39 training points per list
             self.quantizer = faiss.IndexBinaryFlat(self.bits)  # kept referenced: the IVF index does not own it
             self.index = faiss.IndexBinaryIVF(self.quantizer, self.bits, nlist)
@@ -60,6 +61,11 @@ class CodeIndex:
         query_codes = np.ascontiguousarray(query_codes, dtype=np.uint8)
         if query_codes.ndim != 2 or 8 * query_codes.shape[1] != self.bits:
             raise UserError(f"query codes of shape {query_codes.shape} do not fit {self.bits}-bit codes")
+        import faiss
+
+        # OpenMP's thread count is per calling thread: set it in the request's own thread, or faiss
+        # uses every core per call and, on a busy machine, waits tens of ms for them to be scheduled
+        faiss.omp_set_num_threads(self.threads)
         k = min(k, len(self))
         fetch = min(len(self), 2 * k + 32)
         distances, positions = self.index.search(query_codes, fetch)
