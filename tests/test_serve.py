@@ -352,12 +352,15 @@ def test_swap_under_load_fails_no_request_and_every_answer_matches_its_version(s
     expected = {v: {q: expected_answer(db, int(np.searchsorted(db.ids, q)), 10)[0] for q in queries}
                 for v, db in databases.items()}
     answers, failures = [], []
-    total, clients = 600, 4  # a fixed count, on loopback
+    clients, cap = 4, 3000  # bounded: each client stops after the swaps, or at `cap` requests
+    swapped = threading.Event()
 
     def client(worker: int):
         with requests.Session() as session:
-            for n in range(worker, total, clients):
-                item = queries[n % len(queries)]
+            for n in range(cap):
+                if swapped.is_set():
+                    break
+                item = queries[(worker + n * clients) % len(queries)]
                 try:
                     reply = session.get(f"{service.url}/search/{item}", params={"k": 10}, headers=AUTH, timeout=30)
                 except requests.RequestException as exc:
@@ -375,10 +378,13 @@ def test_swap_under_load_fails_no_request_and_every_answer_matches_its_version(s
         time.sleep(0.5)
         set_alias(uri, "champion", version)
         service.wait_for(version, 60)
+    time.sleep(0.5)  # some answers from the last version too
+    swapped.set()
     for t in threads:
         t.join(timeout=300)
+    total = len(answers) + len(failures)
     assert not failures, failures[:3]
-    assert len(answers) == total
+    assert total > 50 and not any(t.is_alive() for t in threads)
     seen = Counter(body["model_version"] for _, body in answers)
     assert set(seen) == {"1", "2"}, seen
     wrong = [(item, body["model_version"]) for item, body in answers
