@@ -26,6 +26,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "monitor": ("components.monitor", "drift report: new data vs the champion's data and codes"),
     "search": ("components.search", "find the nearest database images for query images"),
     "retrain": ("pipelines.retrain", "drift report, then `dvc repro` when it says so (for cron)"),
+    "serve": ("adalabelhash.serving.cli", "HTTP retrieval service for the registered @champion; follows the alias"),
     "kfp": ("pipelines.cli", "compile, run locally, submit or schedule the Kubeflow pipeline"),
 }
 

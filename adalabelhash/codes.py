@@ -43,3 +43,16 @@ def unpack_bits(packed: np.ndarray) -> np.ndarray:
 def pack_codes(codes) -> np.ndarray:
     """Real-valued codes (n, K) -> packed uint8 (n, K / 8)."""
     return pack_bits(binarize(codes))
+
+
+def asymmetric_distances(real_codes, packed) -> np.ndarray:
+    """Distance of real-valued codes (nq, K) in [-1, 1] (tanh outputs) to packed bit codes (n, K/8):
+    sum_j |q_j - s_j| / 2 with s = +-1 the bits, i.e. (K - q.s) / 2 -> float32 (nq, n).
+
+    It equals the Hamming distance when q is itself +-1 and splits Hamming ties by how sure the
+    query is of each bit, without a float database (asymmetric: only the query is real-valued)."""
+    real = np.asarray(real_codes, dtype=np.float32)
+    signs = unpack_bits(packed).astype(np.float32) * 2 - 1
+    if real.ndim != 2 or real.shape[1] != signs.shape[1]:
+        raise UserError(f"real codes of shape {real.shape} do not fit {signs.shape[1]}-bit codes")
+    return (np.float32(signs.shape[1]) - real @ signs.T) / 2

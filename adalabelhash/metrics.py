@@ -403,6 +403,76 @@ def retrieval_metrics(
     return out
 
 
+# ---------------------------------------------------------------------------- rerank
+
+
+def reranked_average_precision(
+    query_real, query_labels, db_codes, db_labels, *, rerank: int, topk=(1000,), chunk_mb: float = CHUNK_MB
+) -> dict:
+    """mAP and mAP@k when the top `rerank` items by Hamming distance are reordered by the
+    asymmetric distance of the queries' real-valued codes (adalabelhash.codes.asymmetric_distances).
+
+    Ranking: the head is the `rerank` items first by (Hamming distance, asymmetric distance),
+    ordered by (asymmetric distance, Hamming distance, database index); the tail is the rest by
+    Hamming distance with the tie-aware expectation over its tie groups, exactly as the
+    headline metrics, so rerank is the only difference. AP@k divides by the (expected)
+    relevant items in the top k, as `expected_average_precision` does.
+    """
+    from adalabelhash.codes import asymmetric_distances, pack_codes
+
+    query_real = np.asarray(query_real, dtype=np.float32)
+    topk = _check_cutoffs("topk", topk)
+    if isinstance(rerank, bool) or not isinstance(rerank, (int, np.integer)) or rerank < 1:
+        raise UserError(f"rerank must be a positive integer, got {rerank!r}")
+    query_codes, query_labels, db_codes, db_labels = _check_pair(pack_codes(query_real), query_labels, db_codes, db_labels)
+    bits, nq, ndb = 8 * db_codes.shape[1], len(query_codes), len(db_codes)
+    head_size = min(int(rerank), ndb)
+    q_words, db_words = _words(query_codes), _words(db_codes)
+    relevance = _Relevance(query_labels, db_labels)
+    harmonic = _harmonic(ndb)
+    ranks = np.arange(1, head_size + 1)
+    ks = [min(k, ndb) for k in topk]
+    aps = np.zeros((nq, 1 + len(ks)))
+
+    def chunk(s: int, e: int) -> None:
+        d = _block_distances(q_words[:, s:e], db_words, bits)
+        rel = relevance.block(s, e)
+        asym = asymmetric_distances(query_real[s:e], db_codes)
+        key = d + asym.astype(np.float64) / (bits + 1)  # (Hamming, asymmetric) lexicographic: asym < bits + 1
+        head = np.argpartition(key, head_size - 1, axis=1)[:, :head_size] if head_size < ndb else \
+            np.broadcast_to(np.arange(ndb), (e - s, ndb))
+        head_d, head_asym = np.take_along_axis(d, head, 1), np.take_along_axis(asym, head, 1)
+        head = np.take_along_axis(head, np.lexsort((head, head_d, head_asym), axis=1), 1)
+        head_d, head_rel = np.take_along_axis(d, head, 1), np.take_along_axis(rel, head, 1)
+        found = np.cumsum(head_rel, axis=1)
+        precision_sum = np.cumsum(np.where(head_rel, found / ranks, 0.0), axis=1)
+        n, r = _count_block(d, rel, bits)
+        n_head, r_head = _count_block(head_d, head_rel, bits)
+        n_tail, r_tail = n - n_head, r - r_head
+        before = head_size + np.cumsum(n_tail, axis=1) - n_tail
+        rel_before = found[:, -1:] + np.cumsum(r_tail, axis=1) - r_tail
+        tail_terms = _group_terms(n_tail, r_tail, before, rel_before, n_tail, harmonic)
+        relevant = r.sum(1)
+        total = precision_sum[:, -1] + tail_terms.sum(1)
+        aps[s:e, 0] = np.divide(total, relevant, out=np.zeros(e - s), where=relevant > 0)
+        for i, k in enumerate(ks, 1):
+            if k <= head_size:
+                summed, hits = precision_sum[:, k - 1], found[:, k - 1].astype(float)
+            else:  # the head, then the tail's positions up to k - head_size
+                flat, n_g, r_g, b_g, rb_g, m = _at_cutoffs(n_tail, r_tail, np.full((e - s, 1), k - head_size))
+                whole = (np.cumsum(tail_terms, axis=1) - tail_terms).ravel()[flat[:, 0]]
+                part = _group_terms(n_g, r_g, b_g + head_size, rb_g + found[:, -1:], m, harmonic)[:, 0]
+                summed = precision_sum[:, -1] + whole + part
+                hits = found[:, -1] + _hits(n_g, r_g, rb_g, m)[:, 0]
+            aps[s:e, i] = np.divide(summed, hits, out=np.zeros(e - s), where=hits > 0)
+
+    # per pair: distance, relevance, asymmetric (float32) and key (float64), partition index, head copies
+    _run_chunks(chunk, nq, _chunk_rows(1 + 1 + 4 + 8 + 8 + 24, ndb, chunk_mb))
+    out = {"mAP": float(aps[:, 0].mean())}
+    out.update({f"mAP_at_{k}": float(aps[:, i + 1].mean()) for i, k in enumerate(topk)})
+    return out
+
+
 # ---------------------------------------------------------------------------- codewords
 
 

@@ -19,7 +19,11 @@ from adalabelhash.data.images import read_rgb
 
 
 def load_image(path: str | Path, size: int) -> np.ndarray:
-    image = read_rgb(path)
+    return fit_image(read_rgb(path), size)
+
+
+def fit_image(image: Image.Image, size: int) -> np.ndarray:
+    """An RGB image -> uint8 (size, size, 3): shorter side resized to `size`, centre crop."""
     width, height = image.size
     scale = size / min(width, height)
     resized = (max(size, round(width * scale)), max(size, round(height * scale)))

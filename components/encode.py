@@ -84,7 +84,7 @@ def encode_shards(params: EncodeParams, onnx_path: Path, manifest_path: Path, da
         if _shard_is_complete(target, key, ids):
             skipped += 1
             continue
-        codes = []
+        codes, reals = [], []
         batches = iter_decoded_batches([files[i] for i in ids], size, params.batch_size, params.decode_threads)
         progress = tqdm(total=len(ids), desc=f"shard {index + 1}/{plan.num_shards}", unit="img", leave=False, disable=None)
         while True:
@@ -94,11 +94,15 @@ def encode_shards(params: EncodeParams, onnx_path: Path, manifest_path: Path, da
             if batch is None:
                 break
             start = time.perf_counter()
-            codes.append(_pack(session.run(None, {session.get_inputs()[0].name: batch})[0]))
+            real = session.run(None, {session.get_inputs()[0].name: batch})[0]
+            codes.append(_pack(real))
+            reals.append(real)
             inferred += time.perf_counter() - start
             progress.update(len(batch))
         progress.close()
-        _save_shard(target, key, ids, np.concatenate(codes), session.get_providers()[0])
+        # queries keep their real-valued codes too: the asymmetric rerank of `evaluate` needs them
+        query_real = np.concatenate(reals)[manifest.frame["query"].to_numpy()[ids]].astype(np.float32)
+        _save_shard(target, key, ids, np.concatenate(codes), query_real, session.get_providers()[0])
         done += 1
     return {"shards": plan.num_shards, "encoded": done, "skipped": skipped, "images": int(len(plan.ids)),
             "provider": session.get_providers()[0],
@@ -118,7 +122,7 @@ def merge_shards(params: EncodeParams, onnx_path: Path, manifest_path: Path, sha
     plan = plan_shards(params, manifest)
     key = shard_key(onnx_path, manifest.fingerprint())
     found = {p.name: p for d in shards_dirs for p in Path(d).glob("shard-*.npz")}
-    codes, providers = [], set()
+    codes, query_real, providers = [], [], set()
     for index in range(plan.num_shards):
         name = shard_path(Path("."), index, plan.num_shards).name
         if name not in found or not _shard_is_complete(found[name], key, plan.shard_ids(index)):
@@ -126,7 +130,8 @@ def merge_shards(params: EncodeParams, onnx_path: Path, manifest_path: Path, sha
         with np.load(found[name]) as shard:
             codes.append(shard["codes"])
             providers.add(str(shard["provider"]) if "provider" in shard else "not recorded")  # shards before 2026-12-06
-    codes = np.concatenate(codes)
+            query_real.append(shard["query_real"])
+    codes, query_real = np.concatenate(codes), np.concatenate(query_real)
     database = manifest.frame["database"].to_numpy()[plan.ids]
     index = faiss.IndexBinaryIDMap(faiss.IndexBinaryFlat(codes.shape[1] * 8))
     index.add_with_ids(codes[database], plan.ids[database].astype(np.int64))
@@ -140,7 +145,7 @@ def merge_shards(params: EncodeParams, onnx_path: Path, manifest_path: Path, sha
         "dataset_fingerprint": manifest.fingerprint(),
     }
     with atomic_directory(out_dir) as tmp:
-        np.savez(tmp / "codes.npz", ids=plan.ids, codes=codes)
+        np.savez(tmp / "codes.npz", ids=plan.ids, codes=codes, query_real=query_real)
         faiss.write_index_binary(index, str(tmp / "database.faiss"))
         write_json(tmp / "encode_summary.json", summary)
     return summary
@@ -155,7 +160,8 @@ def encode(params: EncodeParams, onnx_path: Path, manifest_path: Path, data_root
 
 
 def load_encoded(encoded_dir: Path) -> tuple[np.ndarray, np.ndarray]:
-    """(manifest row ids, packed codes) from a merged encode output."""
+    """(manifest row ids, packed codes) from a merged encode output. codes.npz also holds
+    `query_real`: the real-valued (tanh) codes of the rows of `ids` that are queries, in order."""
     from adalabelhash.errors import UserError
 
     path = Path(encoded_dir) / "codes.npz"
@@ -163,6 +169,16 @@ def load_encoded(encoded_dir: Path) -> tuple[np.ndarray, np.ndarray]:
         raise UserError(f"{path}: not found; run the encode step first")
     data = np.load(path)
     return data["ids"], data["codes"]
+
+
+def load_query_real(encoded_dir: Path) -> np.ndarray:
+    """The queries' real-valued codes, float32 (queries, K), in the order of the query rows of `ids`."""
+    from adalabelhash.errors import UserError
+
+    with np.load(Path(encoded_dir) / "codes.npz") as data:
+        if "query_real" not in data.files:
+            raise UserError(f"{encoded_dir}/codes.npz has no real-valued query codes: run the encode step again")
+        return data["query_real"]
 
 
 def iter_decoded_batches(paths: Sequence[Path], size: int, batch_size: int, threads: int) -> Iterator[np.ndarray]:
@@ -207,16 +223,18 @@ def _shard_is_complete(path: Path, key: str, ids: np.ndarray) -> bool:
         return False
     try:
         with np.load(path) as shard:
-            return str(shard["key"]) == key and np.array_equal(shard["ids"], ids)
+            # a shard from before queries kept their real-valued codes is encoded again
+            return str(shard["key"]) == key and np.array_equal(shard["ids"], ids) and "query_real" in shard.files
     except (OSError, ValueError, KeyError):
         return False  # a foreign or damaged file: encode the shard again
 
 
-def _save_shard(path: Path, key: str, ids: np.ndarray, codes: np.ndarray, provider: str) -> None:
+def _save_shard(path: Path, key: str, ids: np.ndarray, codes: np.ndarray, query_real: np.ndarray,
+                provider: str) -> None:
     from adalabelhash.fileio import atomic_output
 
     with atomic_output(path) as tmp:
-        np.savez(tmp, key=np.array(key), ids=ids, codes=codes, provider=np.array(provider))
+        np.savez(tmp, key=np.array(key), ids=ids, codes=codes, query_real=query_real, provider=np.array(provider))
 
 
 def tag_providers(onnx_path: Path, summary: dict) -> None:

@@ -2,7 +2,8 @@
 
 The headline numbers use the tie-aware policy (the expectation over all orders of items at
 equal Hamming distance); the peer-comparable stable-sort variant is reported beside them
-with a `_stable` suffix. See adalabelhash/metrics.py for the exact definitions.
+with a `_stable` suffix, and with `rerank: N` the asymmetric rerank of the top N with a
+`_rerank` suffix (metrics.reranked_average_precision). See adalabelhash/metrics.py for the exact definitions.
 """
 
 from __future__ import annotations
@@ -27,12 +28,13 @@ class EvaluateParams:
     pr_points: int = 64  # sampled cut-offs of the precision@N / recall@N curve
     examples: int = 6  # queries shown in the retrieval-examples grid
     example_k: int = 10  # results per query in the grid
+    rerank: int = 0  # > 0: also mAP / mAP@k with the top `rerank` reordered by the queries' real-valued codes (0: off)
 
     def __post_init__(self):
         if any(k < 1 for k in [*self.topk, *self.precision_at]) or self.radius < 0:
             raise ValueError("topk and precision_at must be >= 1, radius >= 0")
-        if self.examples < 0 or self.example_k < 1 or self.pr_points < 2:
-            raise ValueError("examples must be >= 0, example_k >= 1, pr_points >= 2")
+        if self.examples < 0 or self.example_k < 1 or self.pr_points < 2 or self.rerank < 0:
+            raise ValueError("examples must be >= 0, example_k >= 1, pr_points >= 2, rerank >= 0")
 
 
 def evaluate(params: EvaluateParams, encoded_dir: Path, manifest_path: Path, data_root: Path | None, out_dir: Path,
@@ -66,6 +68,13 @@ def evaluate(params: EvaluateParams, encoded_dir: Path, manifest_path: Path, dat
                    f"P_radius_{params.radius}"]
     metrics = {key: round(expected[key], 6) for key in scalar_keys}
     metrics.update({f"{key}_stable": round(stable[key], 6) for key in scalar_keys if key.startswith("mAP")})
+    if params.rerank:  # beside the headline, which stays Hamming-only so the promotion gate compares like with like
+        from adalabelhash.metrics import reranked_average_precision
+        from components.encode import load_query_real
+
+        reranked = reranked_average_precision(load_query_real(encoded_dir), q_labels, db_codes, db_labels,
+                                              rerank=params.rerank, topk=params.topk)
+        metrics.update({f"{key}_rerank": round(value, 6) for key, value in reranked.items()})
     codewords = np.load(codewords_path) if codewords_path is not None else None
     if codewords is not None and codewords.shape != (len(manifest.classes), codes.shape[1] * 8):
         raise UserError(f"{codewords_path}: codewords of shape {codewords.shape} do not fit "
@@ -176,8 +185,24 @@ def evaluate_tracked(params: EvaluateParams, encoded_dir: Path, manifest_path: P
         metrics = evaluate(params, encoded_dir, manifest_path, data_root, out_dir, codewords_path)
         tracking.log_metrics(ref, {k: v for k, v in metrics.items() if k not in ("stable_seed",)})
         tracking.log_artifacts(ref, sorted(Path(out_dir).glob("*")), "evaluation")
+        log_database(ref, encoded_dir, manifest_path)
     ref.save(out_dir)
     return metrics, ref
+
+
+def log_database(ref: "RunRef", encoded_dir: Path, manifest_path: Path) -> None:
+    """The database codes with ids, labels and paths, into the run the registered version points at
+    (promote registers this step's run), so `serve` needs nothing but the tracking URI."""
+    if ref.run_id is None:
+        return
+    import tempfile
+
+    from adalabelhash import tracking
+    from adalabelhash.database import ARTIFACT_PATH, database_from_encoded, write_database
+
+    with tempfile.TemporaryDirectory() as tmp:
+        write_database(database_from_encoded(encoded_dir, manifest_path), Path(tmp) / ARTIFACT_PATH)
+        tracking.log_artifacts(ref, [Path(tmp) / ARTIFACT_PATH], ARTIFACT_PATH)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import io
+import os
+import signal
+import socket
+import subprocess
 import tarfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -107,3 +112,50 @@ def trained(tmp_path_factory, digits_root):
     convert_onnx(ConvertOnnxParams(parity_images=16), work / "train" / "model.pt", manifest, digits_root, work / "onnx")
     return {"work": work, "root": digits_root, "manifest": manifest, "model": work / "train" / "model.pt",
             "onnx": work / "onnx" / "model.onnx", "codewords": work / "codewords", "config": config}
+
+
+@pytest.fixture(scope="session")
+def encoded(trained, tmp_path_factory):
+    """The `trained` model's encode output (codes.npz, database.faiss)."""
+    from components.encode import EncodeParams, encode
+
+    out = tmp_path_factory.mktemp("encoded")
+    encode(EncodeParams(), trained["onnx"], trained["manifest"], trained["root"], out / "shards", out / "encode")
+    return out / "encode"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """One real `mlflow server` (mlflow/serve-local.sh: sqlite + served artifacts) on loopback for the
+    session (~30 s to start). Webhooks may call loopback, and its webhook list is cached for 1 s, not 60."""
+    import requests
+
+    store = tmp_path_factory.mktemp("mlflow-server")
+    port = free_port()
+    env = {**os.environ, "MLFLOW_PORT": str(port), "MLFLOW_STORE_DIR": str(store),
+           "MLFLOW_WEBHOOK_ALLOWED_SCHEMES": "http,https", "MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS": "true",
+           "MLFLOW_WEBHOOK_CACHE_TTL": "1"}
+    log = open(store / "server.log", "w")
+    proc = subprocess.Popen(["bash", str(REPO / "mlflow" / "serve-local.sh")], env=env, stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 180  # ~30 s on a quiet 2-core machine
+    while True:
+        try:
+            if requests.get(f"{url}/health", timeout=2).status_code == 200:
+                break
+        except requests.RequestException:  # refused or not answering yet
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            os.killpg(proc.pid, signal.SIGTERM)
+            pytest.fail(f"mlflow server did not come up: {(store / 'server.log').read_text()[-2000:]}")
+        time.sleep(1)
+    yield url
+    os.killpg(proc.pid, signal.SIGTERM)
+    proc.wait(timeout=30)

@@ -88,9 +88,11 @@ def test_mlflow_run_holds_params_curves_artifacts_and_model(project):
     assert run_.data.tags["train.hardware"].startswith("cpu: ")  # what trained it, for comparing runs
     assert len(client.get_metric_history(ref["run_id"], "train_loss")) == 2
     assert {"mAP", "mAP_at_100", "P_radius_2", "onnx_bit_agreement", "codeword_min_distance"} <= set(run_.data.metrics)
-    listed = {f.path for d in ("validation", "codewords", "evaluation") for f in client.list_artifacts(ref["run_id"], d)}
+    listed = {f.path for d in ("validation", "codewords", "evaluation", "database")
+              for f in client.list_artifacts(ref["run_id"], d)}
     assert {"validation/validation.json", "validation/data_docs.html", "codewords/heatmap.png",
-            "evaluation/pr.png", "evaluation/examples.png"} <= listed
+            "evaluation/pr.png", "evaluation/examples.png",
+            "database/codes.npz", "database/items.parquet", "database/database.json"} <= listed  # what `serve` loads
     champion = client.get_model_version_by_alias("adalabelhash", "champion")
     assert champion.run_id == ref["run_id"] and champion.tags["bits"] == "32"
 

@@ -231,6 +231,11 @@ def test_local_run_end_to_end(scheduled_runs):
     assert mlflow_run.data.params["train.epochs"] == "2" and mlflow_run.data.metrics["mAP"] == metrics["mAP"]
     logged_files = {f.path for f in client.list_artifacts(version.run_id, "monitor")}
     assert logged_files == {"monitor/drift.json", "monitor/report.html"}
+    # what `serve` loads: the database the version's run holds, merged from the three shard tasks
+    from adalabelhash.database import load_database
+
+    served = load_database(client.download_artifacts(version.run_id, "database", str(tmp_path / "served")))
+    assert (len(served), served.bits) == (merged["database"], 32) and served.labels[0] in served.classes
 
 
 @pytest.mark.slow

@@ -388,3 +388,43 @@ def test_class_code_spread_matches_brute_force_pairs():
     assert class_code_spread(tight, np.repeat(np.eye(2, dtype=int), 5, axis=0)) == {"within": 0.0, "across": 2.0}
     with pytest.raises(UserError, match=">= 2 images"):
         class_code_spread(packed[:1], labels[:1])
+
+
+def _explicit_ap(ranked_rel, k=None):
+    ranked_rel = ranked_rel[:k] if k else ranked_rel
+    found = np.cumsum(ranked_rel)
+    return (np.where(ranked_rel, found / np.arange(1, len(ranked_rel) + 1), 0).sum() / found[-1]) if found[-1] else 0.0
+
+
+def test_reranked_ap_matches_explicit_rankings_averaged_over_tail_tie_orders():
+    from adalabelhash.codes import asymmetric_distances, pack_codes
+    from adalabelhash.metrics import reranked_average_precision
+
+    rng = np.random.default_rng(3)
+    real = np.tanh(rng.normal(size=(4, 8)) * 2).astype(np.float32)
+    db_codes = rng.integers(0, 256, (40, 1), dtype=np.uint8)  # 8 bits, 40 items: ties in every group
+    q_labels = np.eye(3, dtype=np.uint8)[rng.integers(0, 3, 4)]
+    db_labels = np.eye(3, dtype=np.uint8)[rng.integers(0, 3, 40)]
+    head = 12
+    got = reranked_average_precision(real, q_labels, db_codes, db_labels, rerank=head, topk=(5, 20))
+    d = hamming_distances(pack_codes(real), db_codes)
+    asym = asymmetric_distances(real, db_codes)
+    aps = np.zeros((4, 3))
+    shuffles = 3000
+    for q in range(4):
+        rel = (db_labels @ q_labels[q]) > 0
+        chosen = np.lexsort((np.arange(40), asym[q], d[q]))[:head]  # first by (Hamming, asymmetric)
+        chosen = chosen[np.lexsort((chosen, d[q][chosen], asym[q][chosen]))]
+        rest = np.setdiff1d(np.arange(40), chosen)
+        for _ in range(shuffles):  # the tail in random tie orders: the expectation, by sampling
+            tail = rest[np.lexsort((rng.random(len(rest)), d[q][rest]))]
+            ranked = rel[np.concatenate((chosen, tail))]
+            aps[q] += [_explicit_ap(ranked), _explicit_ap(ranked, 5), _explicit_ap(ranked, 20)]
+    aps /= shuffles
+    assert got["mAP"] == pytest.approx(aps[:, 0].mean(), abs=0.01)
+    assert got["mAP_at_5"] == pytest.approx(aps[:, 1].mean(), abs=1e-9)  # inside the head: exact
+    # beyond the head mAP@k is a ratio of expectations (as the headline mAP@k), close to the sampled mean
+    assert got["mAP_at_20"] == pytest.approx(aps[:, 2].mean(), abs=0.03)
+    whole = reranked_average_precision(real, q_labels, db_codes, db_labels, rerank=40, topk=(40,))
+    explicit = [_explicit_ap(((db_labels @ q_labels[q]) > 0)[np.lexsort((np.arange(40), d[q], asym[q]))]) for q in range(4)]
+    assert whole["mAP"] == pytest.approx(np.mean(explicit), abs=1e-12) == pytest.approx(whole["mAP_at_40"], abs=1e-12)

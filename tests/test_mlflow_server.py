@@ -1,14 +1,13 @@
-"""A real `mlflow server` (mlflow/serve-local.sh) on loopback: promote over HTTP, and the UI in Chromium."""
+"""A real `mlflow server` (mlflow/serve-local.sh, the `mlflow_server` fixture) on loopback: promote over
+HTTP, a server killed at each request of a promotion, and the UI in Chromium."""
 
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -20,40 +19,9 @@ REPO = Path(__file__).resolve().parents[1]
 ARTIFACTS = REPO / "test-artifacts"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    store = tmp_path_factory.mktemp("mlflow-server")
-    port = free_port()
-    env = {**os.environ, "MLFLOW_PORT": str(port), "MLFLOW_STORE_DIR": str(store)}
-    log = open(store / "server.log", "w")
-    proc = subprocess.Popen(["bash", str(REPO / "mlflow" / "serve-local.sh")], env=env, stdout=log,
-                            stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180  # ~30 s on a quiet 2-core machine
-    while True:
-        try:
-            if requests.get(f"{url}/health", timeout=2).status_code == 200:
-                break
-        except requests.RequestException:  # refused or not answering yet
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            os.killpg(proc.pid, signal.SIGTERM)
-            pytest.fail(f"mlflow server did not come up: {(store / 'server.log').read_text()[-2000:]}")
-        time.sleep(1)
-    yield url
-    os.killpg(proc.pid, signal.SIGTERM)
-    proc.wait(timeout=30)
-
-
 @pytest.mark.slow
-def test_promote_step_over_http_read_back_through_rest(server, trained, tmp_path):
-    params = tracking.MlflowParams(experiment="over-http", tracking_uri=server)
+def test_promote_step_over_http_read_back_through_rest(mlflow_server, trained, tmp_path):
+    params = tracking.MlflowParams(experiment="over-http", tracking_uri=mlflow_server)
     ref = tracking.start_run(params, {"train": {"bits": 16}}, {"dataset.fingerprint": "d" * 64}, "http-run")
     ref = tracking.log_onnx_model(ref, trained["onnx"], [trained["codewords"] / "codewords.json"], image_size=16)
     ref.save(tmp_path / "run")
@@ -69,7 +37,7 @@ def test_promote_step_over_http_read_back_through_rest(server, trained, tmp_path
     assert proc.returncode == 0, proc.stderr
     assert "served-model v1 -> champion" in proc.stdout
 
-    api = f"{server}/api/2.0/mlflow"
+    api = f"{mlflow_server}/api/2.0/mlflow"
     alias = requests.get(f"{api}/registered-models/alias", params={"name": "served-model", "alias": "champion"}, timeout=30)
     assert alias.status_code == 200, alias.text
     version = alias.json()["model_version"]
@@ -97,13 +65,13 @@ def chromium_driver():
 
 
 @pytest.mark.slow
-def test_ui_walkthrough_from_the_home_page_to_compare_and_registry(server, trained, tmp_path):
+def test_ui_walkthrough_from_the_home_page_to_compare_and_registry(mlflow_server, trained, tmp_path):
     """The README's walkthrough, clicked through as a user would in MLflow 3.17: its home page opens on
     the GenAI view; *Model training* -> *Experiments* -> the experiment -> tick two runs -> *Compare*;
     then *Model registry*, where the model shows its @champion."""
     from components.promote import PromoteParams, promote
 
-    params = tracking.MlflowParams(experiment="compare-in-ui", tracking_uri=server)
+    params = tracking.MlflowParams(experiment="compare-in-ui", tracking_uri=mlflow_server)
     refs = []
     for name, value in (("lite0-48bits", 0.8123), ("lite0-64bits", 0.7789)):
         ref = tracking.start_run(params, {"train": {"bits": int(name[-6:-4])}}, {}, name)
@@ -125,7 +93,7 @@ def test_ui_walkthrough_from_the_home_page_to_compare_and_registry(server, train
 
     browser = chromium_driver()
     try:
-        browser.get(server)
+        browser.get(mlflow_server)
         WebDriverWait(browser, 120).until(lambda b: "Model training" in body())
         click("//*[text()='Model training']")
         click("//a[.//text()='Experiments' or text()='Experiments']")
@@ -200,7 +168,8 @@ class KillableProxy:
 
 
 @pytest.mark.slow
-def test_server_killed_at_each_request_of_a_promotion_leaves_no_false_claim(server, trained, tmp_path, monkeypatch):
+def test_server_killed_at_each_request_of_a_promotion_leaves_no_false_claim(mlflow_server, trained, tmp_path,
+                                                                              monkeypatch):
     """Kill the server at every request a promotion makes, before and after the server handled it:
     one clear error each time, @champion never on a version that did not earn it, no verdict tag
     that the aliases contradict, and running promote again completes it with one version."""
@@ -212,9 +181,9 @@ def test_server_killed_at_each_request_of_a_promotion_leaves_no_false_claim(serv
     from components.promote import PromoteParams, promote
 
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # a dead server fails at once
-    client = MlflowClient(server, server)
-    params = tracking.MlflowParams(experiment="killed", tracking_uri=server)
-    proxy = KillableProxy(server)
+    client = MlflowClient(mlflow_server, mlflow_server)
+    params = tracking.MlflowParams(experiment="killed", tracking_uri=mlflow_server)
+    proxy = KillableProxy(mlflow_server)
     metrics = tmp_path / "metrics.json"
     metrics.write_text(json.dumps({"mAP": 0.9, "bits": 16, "dataset_fingerprint": "e" * 64}))
     score = {"version": "1", "value": 0.6, "dataset_fingerprint": "e" * 64, "champion": {"recorded": 0.8}}

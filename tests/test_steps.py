@@ -140,13 +140,6 @@ def test_encode_in_shards_resumes_and_matches_pytorch(trained, tmp_path):
     assert (again["encoded"], again["skipped"]) == (1, 4)
 
 
-@pytest.fixture(scope="module")
-def encoded(trained, tmp_path_factory):
-    out = tmp_path_factory.mktemp("encoded")
-    encode(EncodeParams(), trained["onnx"], trained["manifest"], trained["root"], out / "shards", out / "encode")
-    return out / "encode"
-
-
 def test_evaluate_writes_sane_metrics_curves_and_examples(trained, encoded, tmp_path):
     params = EvaluateParams(topk=[100], precision_at=[10, 100], examples=3, example_k=5)
     metrics = evaluate(params, encoded, trained["manifest"], trained["root"], tmp_path / "ev",
@@ -225,3 +218,21 @@ def test_train_refuses_a_gate_that_passed_on_another_dataset_version(trained, tm
     assert f"the gate passed on dataset {Manifest.load(trained['manifest']).fingerprint()[:16]}, not on " \
            f"{other['fingerprint'][:16]}" in proc.stderr
     assert not (tmp_path / "t").exists()
+
+
+def test_encode_keeps_query_real_codes_and_evaluate_reports_the_rerank_beside_hamming(trained, encoded, tmp_path):
+    from components.encode import load_encoded, load_query_real
+
+    ids, codes = load_encoded(encoded)
+    real = load_query_real(encoded)
+    is_query = Manifest.load(trained["manifest"]).frame["query"].to_numpy()[ids]
+    assert real.dtype == np.float32 and real.shape == (is_query.sum(), 16)
+    assert np.array_equal(pack_codes(real), codes[is_query])  # the same encoder pass as the bits
+    params = EvaluateParams(topk=[100], precision_at=[10], examples=0)
+    plain = evaluate(params, encoded, trained["manifest"], None, tmp_path / "plain")
+    reranked = evaluate(replace(params, rerank=200), encoded, trained["manifest"], None, tmp_path / "rerank")
+    assert {k: v for k, v in reranked.items() if not k.endswith("_rerank")} == plain  # headline unchanged
+    assert 0.3 < reranked["mAP_rerank"] <= 1 and 0.3 < reranked["mAP_at_100_rerank"] <= 1
+    np.savez(tmp_path / "codes.npz", ids=ids, codes=codes)  # an encode output from before query codes were kept
+    with pytest.raises(UserError, match="no real-valued query codes: run the encode step again"):
+        evaluate(replace(params, rerank=10), tmp_path, trained["manifest"], None, tmp_path / "old")

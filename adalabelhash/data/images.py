@@ -73,7 +73,12 @@ def read_rgb(path: str | os.PathLike) -> Image.Image:
         data = path.read_bytes()
     except OSError as exc:
         raise UserError(f"{path}: cannot read ({exc.strerror or exc})") from None
-    image = _decode(data, path)
+    return decode_rgb(data, path)
+
+
+def decode_rgb(data: bytes, name: str | os.PathLike) -> Image.Image:
+    """`read_rgb` for bytes in memory (an upload); errors name `name`."""
+    image = _decode(data, name)
     ImageOps.exif_transpose(image, in_place=True)
     return to_rgb(image)
 

@@ -1,0 +1,275 @@
+"""The HTTP API (FastAPI). Every error is JSON `{"error": "..."}` with a 4xx/5xx status.
+
+  GET  /health            200 {"model_version", "bits", "codes"} once a version is loaded, else 503
+  POST /search?k=&rerank= multipart field `image` -> {"model_version", "results": [{"id", "label",
+                          "path", "distance"(, "rerank_distance")}, ...]}, nearest first
+  GET  /search/{id}?k=    the same with database item `id` (manifest row id) as the query
+  GET  /metrics           Prometheus text
+  POST /webhook           MLflow registry webhook (HMAC-signed): re-read the alias now
+
+Ties: items at equal distance in ascending id (adalabelhash/serving/index.py). With
+`rerank=N` the top N by Hamming distance are reordered by the asymmetric distance of the
+query's real-valued code (image queries only). A request takes the served version once, when
+it starts, and finishes on it even if a swap happens meanwhile.
+Auth: with a token set, every endpoint but /health and /webhook (which is signed instead)
+needs `Authorization: Bearer <token>`.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import time
+from dataclasses import dataclass
+
+from fastapi import Request  # at module level: FastAPI resolves the handlers' annotations here
+
+from adalabelhash.errors import UserError
+from adalabelhash.serving.loader import Follower, ServedModel
+
+WEBHOOK_MAX_AGE_SECONDS = 300  # replay window for signed deliveries
+
+
+@dataclass(frozen=True)
+class ApiSettings:
+    max_upload_bytes: int = 10 * 2**20
+    max_k: int = 1000
+    max_rerank: int = 10000
+    token: str | None = None  # bearer token; None: open
+    webhook_secret: str | None = None  # None: /webhook is off (404)
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status, self.message = status, message
+
+
+def create_app(follower: Follower, settings: ApiSettings):
+    from fastapi import FastAPI
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse, Response
+    from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+    from starlette.concurrency import run_in_threadpool
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+
+    registry = CollectorRegistry()
+    requests_total = Counter("adalabelhash_requests", "HTTP requests", ["endpoint", "status"], registry=registry)
+    latency = Histogram("adalabelhash_request_seconds", "request latency", ["endpoint"], registry=registry,
+                        buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
+    loaded = Gauge("adalabelhash_model_version", "registered version being served (0: none)", registry=registry)
+    codes = Gauge("adalabelhash_database_codes", "codes in the served database", registry=registry)
+    swaps = Counter("adalabelhash_swaps", "versions swapped in", registry=registry)
+    load_failures = Counter("adalabelhash_load_failures", "versions that failed to load", registry=registry)
+
+    def on_event(kind: str, detail: dict) -> None:
+        if kind == "swapped":
+            swaps.inc()
+            model = follower.current
+            loaded.set(float(model.version))
+            codes.set(len(model.database))
+        elif kind == "load_failed":
+            load_failures.inc()
+
+    follower.on_event = on_event
+
+    from contextlib import asynccontextmanager
+
+    @asynccontextmanager
+    async def lifespan(app):
+        follower.start()
+        yield
+        await run_in_threadpool(follower.stop)
+
+    app = FastAPI(title="adalabelhash retrieval", lifespan=lifespan, docs_url=None, redoc_url=None)
+
+    def error(status: int, message: str, headers: dict | None = None):
+        return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+    @app.exception_handler(ApiError)
+    async def api_error(request, exc: ApiError):
+        return error(exc.status, exc.message)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request, exc):
+        return error(exc.status_code, str(exc.detail))
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request, exc):
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first.get("loc", ()))
+        return error(422, f"{where}: {first.get('msg')}")
+
+    @app.exception_handler(Exception)
+    async def internal_error(request, exc):  # never a bare 500 page
+        return error(500, f"internal error: {exc.__class__.__name__}")
+
+    app.add_middleware(GuardAndMeasure, token=settings.token, requests_total=requests_total, latency=latency)
+
+    def serving() -> ServedModel:
+        model = follower.current
+        if model is None:
+            raise ApiError(503, f"no version of {follower.name}@{follower.alias} loaded yet")
+        return model
+
+    def check_k(k: int, rerank: int = 0) -> None:
+        if not 1 <= k <= settings.max_k:
+            raise ApiError(422, f"k must be in 1..{settings.max_k}, got {k}")
+        if not 0 <= rerank <= settings.max_rerank:
+            raise ApiError(422, f"rerank must be in 0..{settings.max_rerank}, got {rerank}")
+
+    @app.get("/health")
+    def health():
+        model = follower.current
+        if model is None:
+            return error(503, f"no version of {follower.name}@{follower.alias} loaded yet")
+        return {"model_version": model.version, "bits": model.database.bits, "codes": len(model.database)}
+
+    @app.get("/metrics")
+    def metrics():
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/search/{item_id}")
+    def search_id(item_id: int, k: int = 10):
+        model = serving()
+        check_k(k)
+        position = model.position(item_id)
+        if position is None:
+            raise ApiError(404, f"id {item_id} is not in the database of v{model.version}")
+        (distances, positions), = model.index.search(model.database.codes[position : position + 1], k)
+        return answer(model, distances, positions)
+
+    @app.post("/search")
+    async def search_image(request: Request, k: int = 10, rerank: int = 0):
+        model = serving()  # this request's version, whatever happens to `current` meanwhile
+        check_k(k, rerank)
+        image = await read_upload(request, settings.max_upload_bytes)
+        return await run_in_threadpool(search_pixels, model, image, k, rerank)
+
+    @app.post("/webhook")
+    async def webhook(request: Request):
+        if not settings.webhook_secret:
+            raise ApiError(404, "webhook not enabled (set ADALABELHASH_WEBHOOK_SECRET)")
+        body = await request.body()
+        verify_signature(settings.webhook_secret, request.headers, body)
+        try:
+            event = json.loads(body)
+            data = event.get("data") or {}
+        except (ValueError, AttributeError):
+            raise ApiError(400, "webhook body is not a JSON object") from None
+        if event.get("entity") == "model_version_alias" and data.get("name") == follower.name:
+            follower.wake()  # the follower reads the alias itself: the payload only says when
+        return {"received": f"{event.get('entity')}.{event.get('action')}"}
+
+    return app
+
+
+class GuardAndMeasure:
+    """Plain ASGI middleware (cheaper than Starlette's BaseHTTPMiddleware): the bearer token check,
+    then request counts and latency per route template."""
+
+    OPEN_PATHS = ("/health", "/webhook")
+
+    def __init__(self, app, token, requests_total, latency):
+        self.app, self.token, self.requests_total, self.latency = app, token, requests_total, latency
+        self.expected = f"Bearer {token}".encode() if token else b""
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = time.perf_counter()
+        if self.token and scope["path"] not in self.OPEN_PATHS:
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            if not hmac.compare_digest(given, self.expected):
+                from fastapi.responses import JSONResponse
+
+                self.requests_total.labels("unauthorized", 401).inc()
+                response = JSONResponse({"error": "missing or wrong bearer token"}, status_code=401,
+                                        headers={"WWW-Authenticate": "Bearer"})
+                return await response(scope, receive, send)
+        status = [500]
+
+        async def send_and_note(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_note)
+        finally:
+            route = scope.get("route")
+            endpoint = route.path if route is not None else "other"
+            self.requests_total.labels(endpoint, status[0]).inc()
+            self.latency.labels(endpoint).observe(time.perf_counter() - started)
+
+
+async def read_upload(request, limit: int) -> bytes:
+    """The `image` field of a multipart body, refusing anything over `limit` bytes before reading it all."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit + 64 * 1024:
+        raise ApiError(413, f"upload of {int(declared):,} bytes is over the limit of {limit:,}")
+    if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+        raise ApiError(400, "send the image as multipart/form-data field 'image'")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit + 64 * 1024:  # room for the multipart framing
+            raise ApiError(413, f"upload is over the limit of {limit:,} bytes")
+    request._body = bytes(body)  # Starlette's form parser reads the cached body
+    try:
+        form = await request.form(max_files=1, max_fields=8)
+    except Exception as exc:  # malformed multipart
+        raise ApiError(400, f"malformed multipart body: {str(exc)[:200]}") from None
+    upload = form.get("image")
+    if upload is None or isinstance(upload, str):
+        raise ApiError(400, "multipart field 'image' (a file) is missing")
+    data = await upload.read()
+    if len(data) > limit:
+        raise ApiError(413, f"image of {len(data):,} bytes is over the limit of {limit:,}")
+    return data
+
+
+def search_pixels(model: ServedModel, data: bytes, k: int, rerank: int):
+    from adalabelhash.codes import pack_codes
+    from adalabelhash.data.images import decode_rgb
+    from adalabelhash.preprocess import fit_image
+
+    try:
+        pixels = fit_image(decode_rgb(data, "upload"), model.image_size)
+    except UserError as exc:
+        raise ApiError(400, str(exc)) from None
+    real = model.encode(pixels[None])
+    if rerank:
+        (distances, positions, asym), = model.index.search_reranked(real, k, rerank)
+        return answer(model, distances, positions, asym)
+    (distances, positions), = model.index.search(pack_codes(real), k)
+    return answer(model, distances, positions)
+
+
+def answer(model: ServedModel, distances, positions, rerank_distances=None):
+    """The JSON answer, as a response (plain types already: FastAPI's encoder pass is skipped)."""
+    from fastapi.responses import JSONResponse
+
+    database = model.database
+    results = [{"id": int(database.ids[p]), "label": database.labels[p], "path": database.paths[p], "distance": int(d)}
+               for d, p in zip(distances, positions)]
+    if rerank_distances is not None:
+        for result, value in zip(results, rerank_distances):
+            result["rerank_distance"] = round(float(value), 4)
+    return JSONResponse({"model_version": model.version, "results": results})
+
+
+def verify_signature(secret: str, headers, body: bytes) -> None:
+    """MLflow's scheme: X-MLflow-Signature = "v1," + base64(HMAC-SHA256(secret,
+    "<delivery id>.<timestamp>.<body>")), timestamp in seconds, within the replay window."""
+    delivery, stamp = headers.get("x-mlflow-delivery-id", ""), headers.get("x-mlflow-timestamp", "")
+    signature = headers.get("x-mlflow-signature", "")
+    if not (delivery and stamp.isdigit() and signature.startswith("v1,")):
+        raise ApiError(401, "webhook delivery without MLflow signature headers")
+    if abs(time.time() - int(stamp)) > WEBHOOK_MAX_AGE_SECONDS:
+        raise ApiError(401, "webhook delivery too old (replay window)")
+    expected = hmac.new(secret.encode(), f"{delivery}.{stamp}.".encode() + body, hashlib.sha256).digest()
+    if not hmac.compare_digest(base64.b64encode(expected).decode(), signature[3:]):
+        raise ApiError(401, "webhook signature does not match")

@@ -1,0 +1,62 @@
+"""`adalabelhash serve`: serve the version holding `--alias` of the registered model, and follow it.
+
+Model name and tracking URI resolve as in the pipeline: params.yaml `promote.model_name`,
+`mlflow.tracking_uri` (null: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here).
+Secrets come from the environment: ADALABELHASH_SERVE_TOKEN (bearer token for every endpoint
+but /health) and ADALABELHASH_WEBHOOK_SECRET (the secret of the MLflow webhook pointed at
+/webhook; unset: the webhook endpoint is off and polling alone follows the alias).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+
+TOKEN_ENV, WEBHOOK_SECRET_ENV = "ADALABELHASH_SERVE_TOKEN", "ADALABELHASH_WEBHOOK_SECRET"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--params", default="params.yaml", help="params file; reads `promote:` and `mlflow:`")
+    parser.add_argument("--host", default="127.0.0.1", help="bind address (0.0.0.0 in a container)")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--alias", default="champion", help="registry alias to serve and follow")
+    parser.add_argument("--poll-seconds", type=float, default=10.0, help="how often the alias is re-read")
+    parser.add_argument("--flat-max", type=int, default=2_000_000, help="codes up to this count: exact search; above: IVF")
+    parser.add_argument("--nlist", type=int, default=1024, help="IVF lists")
+    parser.add_argument("--nprobe", type=int, default=32, help="IVF lists visited per query")
+    parser.add_argument("--max-upload-mb", type=float, default=10.0)
+    parser.add_argument("--max-k", type=int, default=1000)
+    # requests already run in parallel; one intra-op thread each keeps a busy machine from stalling every call
+    parser.add_argument("--ort-threads", type=int, default=1, help="onnxruntime intra-op threads per request (0: its default)")
+
+
+def run(args: argparse.Namespace) -> None:
+    import uvicorn
+
+    from adalabelhash import tracking
+    from adalabelhash.errors import UserError
+    from adalabelhash.params import load_section
+    from adalabelhash.serving.app import ApiSettings, create_app
+    from adalabelhash.serving.index import IndexParams
+    from adalabelhash.serving.loader import Follower, load_version
+    from components.promote import PromoteParams
+
+    if args.poll_seconds <= 0 or args.max_upload_mb <= 0 or args.max_k < 1:
+        raise UserError("--poll-seconds and --max-upload-mb must be > 0, --max-k >= 1")
+    try:
+        index_params = IndexParams(flat_max=args.flat_max, nlist=args.nlist, nprobe=args.nprobe)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    name = load_section(PromoteParams, "promote", args.params).model_name
+    uri = tracking.resolve_tracking_uri(load_section(tracking.MlflowParams, "mlflow", args.params))
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a log, not a terminal
+    follower = Follower(tracking.client(uri), name, args.alias, args.poll_seconds,
+                        lambda version: load_version(uri, name, version, index_params, args.ort_threads or None))
+    settings = ApiSettings(max_upload_bytes=int(args.max_upload_mb * 2**20), max_k=args.max_k,
+                           token=os.environ.get(TOKEN_ENV) or None, webhook_secret=os.environ.get(WEBHOOK_SECRET_ENV) or None)
+    logging.getLogger("adalabelhash.serve").info("serving %s@%s from %s on http://%s:%d", name, args.alias, uri,
+                                                 args.host, args.port)
+    uvicorn.run(create_app(follower, settings), host=args.host, port=args.port, log_level="warning")
