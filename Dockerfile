@@ -28,11 +28,12 @@ LABEL org.opencontainers.image.title="adalabelhash" \
 ENV PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PIP_ROOT_USER_ACTION=ignore \
     DVC_NO_ANALYTICS=1 \
     MPLBACKEND=Agg
 
 # git: MLflow records the commit of a run's checkout (and warns on every call without git); DVC uses it too.
-RUN apt-get update && apt-get install -y --no-install-recommends git && rm -rf /var/lib/apt/lists/* && \
+RUN apt-get update && apt-get install -y --no-install-recommends git && apt-get clean && rm -rf /var/lib/apt/lists/* && \
     useradd --create-home --uid 1000 adalabelhash
 WORKDIR /opt/adalabelhash
 

@@ -3,6 +3,7 @@
 #   tools/image.sh build   build it (make image)
 #   tools/image.sh check   build it, then run the digits pipeline and a Kubeflow component inside it (make image-check)
 #   tools/image.sh clean   remove the images this script made (make image-clean)
+#   tools/image.sh tag     print the image name it builds (the one Kubeflow runs: pipelines/config.py)
 # Settings (environment or make variables):
 #   DEVICE=cpu|gpu     which image (gpu: onnxruntime-gpu and CUDA torch)
 #   TORCH_INDEX=URL    torch's wheel index; unset: the Dockerfile's default (cpu: PyTorch's CPU index,
@@ -24,20 +25,23 @@ BASE_IMAGE=python:3.11-slim-bookworm
 DEBOOTSTRAP_BASE=localhost/adalabelhash-base:bookworm  # made here when BASE_IMAGE cannot be pulled
 MADE_BY=io.adalabelhash.made-by=tools/image.sh
 
-if [ -z "${ENGINE:-}" ]; then
-    if command -v docker >/dev/null && docker info >/dev/null 2>&1; then ENGINE=docker
-    elif command -v podman >/dev/null; then ENGINE=podman
-    else echo "error: no container engine: neither a running Docker daemon nor podman (apt-get install podman runc)" >&2; exit 1
+engine=() run_opts=()
+choose_engine() {
+    if [ -z "${ENGINE:-}" ]; then
+        if command -v docker >/dev/null && docker info >/dev/null 2>&1; then ENGINE=docker
+        elif command -v podman >/dev/null; then ENGINE=podman
+        else echo "error: no container engine: neither a running Docker daemon nor podman (apt-get install podman runc)" >&2; exit 1
+        fi
     fi
-fi
-engine=("$ENGINE")
-run_opts=(--rm)
-if [ "$ENGINE" = podman ]; then
-    # runc: crun fails on hosts with hybrid cgroups (v1 + v2); explicit ulimits: runc rejects podman's
-    # defaults there. Both work on any host.
-    engine+=(--runtime runc)
-    run_opts+=(--ulimit nofile=1024:1024 --ulimit nproc=1024:1024)
-fi
+    engine=("$ENGINE")
+    run_opts=(--rm)
+    if [ "$ENGINE" = podman ]; then
+        # runc: crun fails on hosts with hybrid cgroups (v1 + v2); explicit ulimits: runc rejects podman's
+        # defaults there. Both work on any host.
+        engine+=(--runtime runc)
+        run_opts+=(--ulimit nofile=1024:1024 --ulimit nproc=1024:1024)
+    fi
+}
 
 base_image() {  # prints the base image to build on: BASE_IMAGE if present or pullable, else the debootstrap one
     if "${engine[@]}" image inspect "$BASE_IMAGE" >/dev/null 2>&1 || timeout 120 "${engine[@]}" pull -q "$BASE_IMAGE" >/dev/null 2>&1; then
@@ -58,17 +62,18 @@ debootstrap_base() {  # python:3.11-slim-bookworm's equivalent: Debian bookworm'
     mirror=$(grep -rhoE '^(URIs:|deb) +[^ ]+' /etc/apt/sources.list /etc/apt/sources.list.d/ 2>/dev/null |
              awk '{print $2}' | grep -E '/debian/?$' | head -n1)
     mirror=${mirror:-http://deb.debian.org/debian}
-    local rootfs
     rootfs=$(mktemp -d "${TMPDIR:-/tmp}/adalabelhash-rootfs.XXXXXX")
-    trap 'rm -rf "$rootfs"' RETURN
+    trap 'rm -rf "$rootfs"' EXIT
     debootstrap --variant=minbase --include=python3,python3-pip,python3-venv,ca-certificates,netbase,passwd \
         bookworm "$rootfs" "$mirror" >/dev/null
     printf 'deb %s bookworm main\ndeb %s bookworm-updates main\n' "$mirror" "$mirror" > "$rootfs/etc/apt/sources.list"
     rm -f "$rootfs/usr/lib/python3.11/EXTERNALLY-MANAGED"  # the image's Python is the image's own, as in python:slim
     ln -sf python3 "$rootfs/usr/bin/python"
     rm -rf "$rootfs"/var/lib/apt/lists/* "$rootfs"/var/cache/apt/*.bin "$rootfs"/var/cache/apt/archives/*.deb
-    tar -C "$rootfs" -c . | "${engine[@]}" import --change 'ENV LANG=C.UTF-8' --change 'CMD ["python3"]' \
+    tar -C "$rootfs" -c . | "${engine[@]}" import --change 'ENV LANG=C.UTF-8' \
+        --change 'ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' --change 'CMD ["python3"]' \
         --change "LABEL $MADE_BY" - "$DEBOOTSTRAP_BASE" >/dev/null
+    rm -rf "$rootfs"
 }
 
 build() {
@@ -115,6 +120,7 @@ check() {
     build
     local start=$SECONDS
     echo "image: checking $IMAGE: digits pipeline (dvc repro, 1 epoch) + a Kubeflow component, as the image's user"
+    "${engine[@]}" run "${run_opts[@]}" "$IMAGE" --help | grep -q "get-data"  # the default entrypoint: the CLI
     "${engine[@]}" run "${run_opts[@]}" -i -e "DEVICE=$DEVICE" --entrypoint bash "$IMAGE" -s < tools/image_check.sh
     echo "image: check passed in $((SECONDS - start)) s"
 }
@@ -128,8 +134,9 @@ clean() {  # the images this script made: pipeline images, their cached build st
 }
 
 case ${1:-} in
-    build) build ;;
-    check) check ;;
-    clean) clean ;;
-    *) echo "usage: tools/image.sh build|check|clean" >&2; exit 2 ;;
+    tag) echo "$IMAGE" ;;
+    build) choose_engine; build ;;
+    check) choose_engine; check ;;
+    clean) choose_engine; clean ;;
+    *) echo "usage: tools/image.sh build|check|clean|tag" >&2; exit 2 ;;
 esac
