@@ -2,7 +2,7 @@
 # One image for every pipeline step (DVC users run the same CLI; Kubeflow uses it as base_image).
 # `make image` / `make image-check` build it with docker or podman (tools/image.sh, README "Container image").
 #   CPU (default):  docker build -t adalabelhash:0.1.0 .
-#   GPU:            docker build --build-arg DEVICE=gpu --build-arg TORCH_INDEX= -t adalabelhash:0.1.0-gpu .
+#   GPU:            docker build --build-arg DEVICE=gpu -t adalabelhash:0.1.0-gpu .
 #   extra CA (TLS-intercepting proxy), build time only:  --secret id=extra_ca,src=/path/to/ca.pem
 # The GPU image holds PyPI's torch 2.14.1+cu130 (CUDA 13 wheels): its hosts need an NVIDIA driver >= 580
 # (`make image` adds the label io.adalabelhash.nvidia-driver-min=580 to every image whose torch is a CUDA build).
@@ -13,8 +13,9 @@ FROM ${BASE_IMAGE}
 # cpu: onnxruntime; gpu: onnxruntime-gpu (pyproject.toml extras)
 ARG DEVICE=cpu
 # Where torch and torchvision come from, and only from there (no silent fallback to another index).
-# Default: PyTorch's CPU wheels. Empty: PyPI, whose torch is the CUDA 13 build (a ~7 GB image).
-ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
+# auto: PyTorch's CPU wheels (https://download.pytorch.org/whl/cpu) for DEVICE=cpu, PyPI for gpu.
+# Empty: PyPI, whose torch is the CUDA 13 build (a ~7 GB image).
+ARG TORCH_INDEX=auto
 ARG VERSION=0.1.0
 ARG REVISION=unknown
 
@@ -22,8 +23,7 @@ LABEL org.opencontainers.image.title="adalabelhash" \
       org.opencontainers.image.description="AdaLabelHash pipeline steps: DVC / Kubeflow / MLflow" \
       org.opencontainers.image.version="${VERSION}" \
       org.opencontainers.image.revision="${REVISION}" \
-      io.adalabelhash.device="${DEVICE}" \
-      io.adalabelhash.torch-index="${TORCH_INDEX:-PyPI}"
+      io.adalabelhash.device="${DEVICE}"
 
 ENV PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
@@ -46,6 +46,9 @@ RUN --mount=type=secret,id=extra_ca \
         cat /etc/ssl/certs/ca-certificates.crt /run/secrets/extra_ca > /tmp/ca-bundle.pem; \
         export PIP_CERT=/tmp/ca-bundle.pem; \
     fi; \
+    if [ "$TORCH_INDEX" = auto ]; then \
+        TORCH_INDEX=$([ "$DEVICE" = cpu ] && echo https://download.pytorch.org/whl/cpu || true); \
+    fi; \
     python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; \
 print('\n'.join(p['dependencies'] + p['optional-dependencies']['$DEVICE']))" > /tmp/requirements.txt; \
     if [ -n "$TORCH_INDEX" ]; then \
@@ -57,9 +60,9 @@ print('\n'.join(p['dependencies'] + p['optional-dependencies']['$DEVICE']))" > /
     rm -f /tmp/requirements.txt /tmp/ca-bundle.pem; \
     python -c "import torch; cuda = torch.version.cuda; \
 print(f'adalabelhash image: DEVICE=$DEVICE holds torch {torch.__version__} (' + (f'CUDA {cuda}' if cuda else 'CPU only') \
-+ ') from ${TORCH_INDEX:-PyPI}'); \
++ ') from ' + ('$TORCH_INDEX' or 'PyPI')); \
 cuda and '$DEVICE' == 'cpu' and print(f'warning: DEVICE=cpu image holds the CUDA build of torch ({torch.__version__}, ~7 GB): ' \
-'PyPI has no CPU-only torch; build with --build-arg TORCH_INDEX=https://download.pytorch.org/whl/cpu for a small image'); \
+'PyPI has no CPU-only torch; the default TORCH_INDEX (PyTorch CPU index), where reachable, gives a small image'); \
 assert cuda or '$DEVICE' == 'cpu', 'DEVICE=gpu needs CUDA torch: build with --build-arg TORCH_INDEX= (PyPI) or a cuXXX index'"
 
 COPY README.md params.yaml dvc.yaml ./

@@ -6,7 +6,7 @@
 #   tools/image.sh tag     print the image name it builds (the one Kubeflow runs: pipelines/config.py)
 # Settings (environment or make variables):
 #   DEVICE=cpu|gpu     which image (gpu: onnxruntime-gpu and CUDA torch)
-#   TORCH_INDEX=URL    torch's wheel index; unset: the Dockerfile's default (cpu: PyTorch's CPU index,
+#   TORCH_INDEX=URL    torch's wheel index; unset: the Dockerfile's `auto` (cpu: PyTorch's CPU index,
 #                      gpu: PyPI); empty: PyPI, whose torch is the CUDA build
 #   EXTRA_CA=FILE      a CA certificate (bundle) pip must trust during the build only (TLS-intercepting proxy)
 #   ENGINE=docker|podman, IMAGE=name:tag (default: pipelines/config.py's name and the package version)
@@ -17,7 +17,6 @@ cd "$(dirname "$0")/.."
 
 DEVICE=${DEVICE:-cpu}
 case $DEVICE in cpu | gpu) ;; *) echo "error: DEVICE=$DEVICE: expected cpu or gpu" >&2; exit 2 ;; esac
-if [ "$DEVICE" = gpu ] && [ -z "${TORCH_INDEX+set}" ]; then TORCH_INDEX=""; fi  # PyPI's torch is the CUDA 13 build
 VERSION=$(sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
 REPOSITORY=$(sed -n 's/^REPOSITORY = "\(.*\)"/\1/p' pipelines/config.py)
 IMAGE=${IMAGE:-$REPOSITORY:$VERSION$([ "$DEVICE" = gpu ] && echo -gpu || true)}
@@ -36,8 +35,8 @@ choose_engine() {
     engine=("$ENGINE")
     run_opts=(--rm)
     if [ "$ENGINE" = podman ]; then
-        # runc: crun fails on hosts with hybrid cgroups (v1 + v2); explicit ulimits: runc rejects podman's
-        # defaults there. Both work on any host.
+        # runc: crun refuses hosts with hybrid cgroups (v1 + v2), ours among them. Explicit ulimits: podman's
+        # default nofile (1048576) is above our hosts' hard limit (20000) and runc then fails to start.
         engine+=(--runtime runc)
         run_opts+=(--ulimit nofile=1024:1024 --ulimit nproc=1024:1024)
     fi
@@ -85,7 +84,7 @@ build() {
         [ -s "$EXTRA_CA" ] || { echo "error: EXTRA_CA=$EXTRA_CA: no such file (a PEM CA certificate)" >&2; exit 1; }
         args+=(--secret "id=extra_ca,src=$EXTRA_CA")
     fi
-    echo "image: building $IMAGE (DEVICE=$DEVICE, torch from ${TORCH_INDEX-the Dockerfile default}${TORCH_INDEX+${TORCH_INDEX:-PyPI}}," \
+    echo "image: building $IMAGE (DEVICE=$DEVICE, torch from ${TORCH_INDEX-auto}${TORCH_INDEX+${TORCH_INDEX:-PyPI}}," \
          "base $base) with $ENGINE"
     [ "$ENGINE" = docker ] && export DOCKER_BUILDKIT=1  # build secrets
     local start=$SECONDS

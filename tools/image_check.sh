@@ -35,6 +35,7 @@ PY
 # in a subprocess of this Python, with the image's kfp (install_kfp_package=False).
 python - <<'PY'
 import os
+import warnings
 from pathlib import Path
 
 from kfp import local
@@ -47,9 +48,10 @@ root = Path("kfp-local").resolve()
 os.environ["TMPDIR"] = str(root / "tmp")
 (root / "tmp").mkdir(parents=True)
 local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root))
+warnings.filterwarnings("ignore", "You may be attemping to run a task", RuntimeWarning)  # the image is Python
 prepare = defaults(load_params("params.yaml"))["prepare"]  # the pipeline's own argument
 task = prepare_dataset(prepare=prepare, data_root="", data_version="image-check")
 dataset = task.outputs["dataset"]
 assert dataset.metadata["images"] == 1797 and (Path(dataset.path) / "manifest.parquet").is_file(), dataset.metadata
-print(f"check: kfp component prepare_dataset ran: {dataset.metadata['images']} images")
+print(f"check: kfp component prepare_dataset ran: {dataset.metadata['images']:.0f} images")
 PY
