@@ -9,6 +9,9 @@
 # The tag Kubeflow runs is set in one place: pipelines/config.py (see README, "Kubeflow").
 ARG BASE_IMAGE=python:3.11-slim-bookworm
 FROM ${BASE_IMAGE}
+# On every build step too: `make image-clean` finds the cached steps by it.
+LABEL org.opencontainers.image.title="adalabelhash" \
+      org.opencontainers.image.description="AdaLabelHash pipeline steps: DVC / Kubeflow / MLflow"
 
 # cpu: onnxruntime; gpu: onnxruntime-gpu (pyproject.toml extras)
 ARG DEVICE=cpu
@@ -16,14 +19,6 @@ ARG DEVICE=cpu
 # auto: PyTorch's CPU wheels (https://download.pytorch.org/whl/cpu) for DEVICE=cpu, PyPI for gpu.
 # Empty: PyPI, whose torch is the CUDA 13 build (a ~7 GB image).
 ARG TORCH_INDEX=auto
-ARG VERSION=0.1.0
-ARG REVISION=unknown
-
-LABEL org.opencontainers.image.title="adalabelhash" \
-      org.opencontainers.image.description="AdaLabelHash pipeline steps: DVC / Kubeflow / MLflow" \
-      org.opencontainers.image.version="${VERSION}" \
-      org.opencontainers.image.revision="${REVISION}" \
-      io.adalabelhash.device="${DEVICE}"
 
 ENV PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
@@ -76,6 +71,13 @@ RUN --mount=type=secret,id=extra_ca \
         export PIP_CERT=/tmp/ca-bundle.pem; \
     fi; \
     pip install --no-deps -c constraints.txt . && pip check && rm -rf build *.egg-info /tmp/ca-bundle.pem
+
+# Declared last: a new commit (REVISION) must not invalidate the cached layers above.
+ARG VERSION=0.1.0
+ARG REVISION=unknown
+LABEL org.opencontainers.image.version="${VERSION}" \
+      org.opencontainers.image.revision="${REVISION}" \
+      io.adalabelhash.device="${DEVICE}"
 
 # `adalabelhash serve`: the retrieval service's port
 EXPOSE 8000
