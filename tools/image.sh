@@ -18,6 +18,7 @@ cd "$(dirname "$0")/.."
 DEVICE=${DEVICE:-cpu}
 case $DEVICE in cpu | gpu) ;; *) echo "error: DEVICE=$DEVICE: expected cpu or gpu" >&2; exit 2 ;; esac
 VERSION=$(sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+REVISION=$(git rev-parse HEAD 2>/dev/null || echo unknown)
 REPOSITORY=$(sed -n 's/^REPOSITORY = "\(.*\)"/\1/p' pipelines/config.py)
 IMAGE=${IMAGE:-$REPOSITORY:$VERSION$([ "$DEVICE" = gpu ] && echo -gpu || true)}
 BASE_IMAGE=python:3.11-slim-bookworm
@@ -78,7 +79,7 @@ debootstrap_base() {  # python:3.11-slim-bookworm's equivalent: Debian bookworm'
 build() {
     local base args=(--build-arg "DEVICE=$DEVICE" --build-arg "VERSION=$VERSION" --label "$MADE_BY")
     base=$(base_image)
-    args+=(--build-arg "BASE_IMAGE=$base" --build-arg "REVISION=$(git rev-parse HEAD 2>/dev/null || echo unknown)")
+    args+=(--build-arg "BASE_IMAGE=$base" --build-arg "REVISION=$REVISION")
     [ -n "${TORCH_INDEX+set}" ] && args+=(--build-arg "TORCH_INDEX=$TORCH_INDEX")
     if [ -n "${EXTRA_CA:-}" ]; then
         [ -s "$EXTRA_CA" ] || { echo "error: EXTRA_CA=$EXTRA_CA: no such file (a PEM CA certificate)" >&2; exit 1; }
@@ -89,15 +90,17 @@ build() {
     [ "$ENGINE" = docker ] && export DOCKER_BUILDKIT=1  # build secrets
     local start=$SECONDS
     "${engine[@]}" build "${args[@]}" -t "$IMAGE" .
-    label_torch
+    label_image
     echo "image: built $IMAGE in $((SECONDS - start)) s, $(size) MB"
 }
 
-label_torch() {  # the torch the image really holds, as a label (a Dockerfile label cannot say it)
+label_image() {  # the torch the image really holds (a Dockerfile label cannot say it), and its commit
     local torch cuda
     read -r torch cuda < <("${engine[@]}" run "${run_opts[@]}" --entrypoint python "$IMAGE" -c \
         'import torch; print(torch.__version__, torch.version.cuda or "none")')
-    local labels=(--label "io.adalabelhash.torch=$torch" --label "$MADE_BY")
+    # podman reuses a cached LABEL step even when REVISION changed: set the commit here too
+    local labels=(--label "io.adalabelhash.torch=$torch" --label "org.opencontainers.image.revision=$REVISION"
+                  --label "org.opencontainers.image.version=$VERSION" --label "$MADE_BY")
     [ "$cuda" != none ] && labels+=(--label "io.adalabelhash.nvidia-driver-min=580")  # CUDA 13 wheels
     local old context
     old=$("${engine[@]}" image inspect --format '{{.Id}}' "$IMAGE")
