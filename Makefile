@@ -10,7 +10,7 @@ export DVC_NO_ANALYTICS := 1
 export GIT_PYTHON_REFRESH := quiet
 
 .DEFAULT_GOAL := help
-.PHONY: help venv data run test test-fast pipeline constraints clean plots-template
+.PHONY: help venv data run test test-fast pipeline constraints clean plots-template image image-check image-clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -53,3 +53,12 @@ plots-template: ## re-inline vega into .dvc/plots-offline.html (needs npm)
 	  $(PYTHON) tools/offline_plots_template.py $$tmp/vega-5*/package/build/vega.min.js \
 	    $$tmp/vega-lite-*/package/build/vega-lite.min.js $$tmp/vega-embed-*/package/build/vega-embed.min.js && \
 	  rm -rf $$tmp
+
+image: ## build the pipeline image (docker, else podman; DEVICE=gpu, TORCH_INDEX=, EXTRA_CA=; README "Container image")
+	tools/image.sh build
+
+image-check: ## build the image, then run the digits pipeline (dvc repro) and a Kubeflow component inside it
+	tools/image.sh check
+
+image-clean: ## remove the images that make image made
+	tools/image.sh clean
