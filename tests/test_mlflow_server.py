@@ -83,10 +83,11 @@ def test_ui_walkthrough_from_the_home_page_to_compare_and_registry(mlflow_server
             {"version": None, "value": None, "dataset_fingerprint": "f" * 64})
 
     from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as clickable
     from selenium.webdriver.support.ui import WebDriverWait
 
     def click(xpath: str):
-        WebDriverWait(browser, 60).until(lambda b: b.find_elements(By.XPATH, xpath))[0].click()
+        WebDriverWait(browser, 60).until(clickable.element_to_be_clickable((By.XPATH, xpath))).click()
 
     def body() -> str:
         return browser.find_element(By.TAG_NAME, "body").text
@@ -99,8 +100,10 @@ def test_ui_walkthrough_from_the_home_page_to_compare_and_registry(mlflow_server
         click("//a[.//text()='Experiments' or text()='Experiments']")
         click("//a[contains(., 'compare-in-ui')]")
         WebDriverWait(browser, 60).until(lambda b: "lite0-64bits" in body())
-        for row in (0, 1):
-            click(f"//*[@row-index='{row}']//input[@type='checkbox']")
+        for row in (0, 1):  # the grid's row checkboxes are styled, hidden inputs: click them as the page does
+            box = [e for e in browser.find_elements(By.XPATH, f"//*[@row-index='{row}']//input[@type='checkbox']")
+                   if e.rect["width"]][0]
+            browser.execute_script("arguments[0].click()", box)
         click("//button[.//text()='Compare' or text()='Compare']")
         WebDriverWait(browser, 120).until(lambda b: "0.8123" in body())
         compared = body()
