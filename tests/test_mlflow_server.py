@@ -110,6 +110,11 @@ def test_ui_walkthrough_from_the_home_page_to_compare_and_registry(mlflow_server
         ARTIFACTS.mkdir(exist_ok=True)
         browser.save_screenshot(str(ARTIFACTS / "mlflow-compare-runs.png"))
         click("//a[.//text()='Model registry' or text()='Model registry']")
+        WebDriverWait(browser, 60).until(lambda b: "walkthrough-model" in body())
+        for dialog in browser.find_elements(By.XPATH, "//div[@role='dialog']//button"):  # the UI's one-time tip
+            if dialog.is_displayed():
+                dialog.click()
+                break
         click("//a[contains(., 'walkthrough-model')]")
         WebDriverWait(browser, 60).until(lambda b: "champion" in body())
         registry = body()
