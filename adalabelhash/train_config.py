@@ -44,7 +44,11 @@ class TrainConfig:
     channels_last: bool = True
 
     def __post_init__(self):
-        positive = {"epochs": self.epochs, "batch_size": self.batch_size, "image_size": self.image_size, "lr": self.lr}
+        from adalabelhash.params import require_finite
+
+        require_finite(self)  # NaN passes none of the comparisons below; inf trains to NaN weights
+        positive = {"epochs": self.epochs, "batch_size": self.batch_size, "image_size": self.image_size, "lr": self.lr,
+                    "margin": self.margin}
         for name, value in positive.items():
             if not value > 0:
                 raise ValueError(f"{name} must be > 0, got {value}")
@@ -52,8 +56,9 @@ class TrainConfig:
             raise ValueError(f"head_lr must be > 0 or null, got {self.head_lr}")
         if not 0 <= self.shift < 0.5:
             raise ValueError(f"shift must be in [0, 0.5), got {self.shift}")
-        if self.patience < 0 or self.lr_decay < 0 or self.weight_decay < 0:
-            raise ValueError("patience, lr_decay and weight_decay must be >= 0")
+        for name in ("patience", "lr_decay", "weight_decay", "csq_quantization"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.loss == "csq" and not self.freeze_codewords:
             raise ValueError("loss csq trains towards fixed centres: set freeze_codewords: true (codeword_init hadamard or random)")
         if not self.centre_pull >= 0 or (self.centre_pull and self.loss != "adalabelhash"):
