@@ -40,7 +40,8 @@ class TrainConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: Optional[int] = None  # torch CPU threads (per process); null = torch's default
     processes: int = 1  # DDP processes on this machine (one per GPU; gloo on CPU), launched with torchrun
-    decode_threads: int = 4  # parallel image decoding before training
+    decode_threads: int = 4  # threads decoding the images into the decoded cache (train --cache)
+    loader_workers: int = 2  # processes reading/decoding the next batches while one trains (0: none)
     channels_last: bool = True
 
     def __post_init__(self):
@@ -65,6 +66,8 @@ class TrainConfig:
             raise ValueError(f"centre_pull must be >= 0, and only with loss adalabelhash (got {self.centre_pull}, loss {self.loss})")
         if self.processes < 1:
             raise ValueError(f"processes must be >= 1, got {self.processes}")
+        if self.loader_workers < 0 or self.decode_threads < 1:
+            raise ValueError(f"loader_workers must be >= 0 and decode_threads >= 1, got {self.loader_workers}, {self.decode_threads}")
 
     def model_config(self, num_classes: int):
         from adalabelhash.model import ModelConfig
@@ -73,7 +76,7 @@ class TrainConfig:
 
     def identity(self, data_fingerprint: str) -> str:
         """What a checkpoint must match to be resumed: every knob that changes the weights."""
-        semantic = {k: v for k, v in asdict(self).items() if k not in ("threads", "decode_threads", "device")}
+        semantic = {k: v for k, v in asdict(self).items() if k not in ("threads", "decode_threads", "loader_workers", "device")}
         semantic["processes"] = max(self.processes, 1)  # the world size changes the effective batch
         blob = json.dumps({"config": semantic, "data": data_fingerprint}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]

@@ -8,7 +8,7 @@ Training: the project's own `fit` (the loop `dvc repro` runs: augmentation, forw
 backward, AdamW step) for one epoch over synthetic uint8 images, no validation; the number is
 its `train_images_per_s`. Every configuration is measured once per round, rounds interleaved,
 one warm-up round discarded, medians reported. Decoding: CIFAR-10 JPEGs decoded and resized by
-`load_images` vs the same images read back from the uint8 cache (`load_images_cached`); skipped
+`load_images` vs the same images read back from the memory-mapped uint8 cache (`decoded_cache`); skipped
 when the shared dataset is absent. Prints a table and appends the result as JSON to runs/.
 `--step-variants` instead times one training step (Lite0, 64 px, batch 64, 2 threads; the
 project's model and loss, AdamW) three ways: eager fp32 (what `fit` runs), bf16 autocast on the
@@ -60,7 +60,9 @@ def training_throughput(config: tuple, images: int) -> float:
 
 
 def decode_throughput(count: int) -> dict | None:
-    from adalabelhash.preprocess import load_images, load_images_cached
+    import numpy as np
+
+    from adalabelhash.preprocess import decoded_cache, load_images
 
     if not CIFAR.is_dir():
         return None
@@ -72,9 +74,9 @@ def decode_throughput(count: int) -> dict | None:
         load_images(paths, size, threads=2, progress=False)
         out[f"decode_{size}px_images_per_s"] = len(paths) / (time.perf_counter() - start)
         with tempfile.TemporaryDirectory() as cache:
-            load_images_cached(paths, hashes, size, Path(cache), threads=2)  # fills the cache
+            decoded_cache(paths, hashes, size, Path(cache), threads=2)  # fills the cache
             start = time.perf_counter()
-            load_images_cached(paths, hashes, size, Path(cache), threads=2)
+            np.array(decoded_cache(paths, hashes, size, Path(cache), threads=2))  # every page read
             out[f"cached_{size}px_images_per_s"] = len(paths) / (time.perf_counter() - start)
     return out
 
