@@ -12,7 +12,7 @@ ahead by worker processes and pinned for non-blocking copies to a GPU.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterable, Sequence, Union
+from typing import Iterator, Sequence, Union
 
 import numpy as np
 import torch
@@ -28,12 +28,16 @@ class DecodedFiles:
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, index: torch.Tensor) -> torch.Tensor:
+    def rows(self, index: list[int]) -> np.ndarray:
+        """These images as uint8 N x H x W x 3."""
         from adalabelhash.preprocess import load_image
 
-        pixels = np.stack([load_image(self.paths[i], self.size) for i in index.tolist()]) if len(index) else \
-            np.zeros((0, self.size, self.size, 3), np.uint8)
-        return torch.from_numpy(pixels).permute(0, 3, 1, 2)
+        if not index:
+            return np.zeros((0, self.size, self.size, 3), np.uint8)
+        return np.stack([load_image(self.paths[i], self.size) for i in index])
+
+    def __getitem__(self, index: torch.Tensor) -> torch.Tensor:
+        return _nchw(self.rows(index.tolist()))
 
 
 class MemmapImages:
@@ -45,23 +49,50 @@ class MemmapImages:
     def __len__(self) -> int:
         return len(self.array)
 
+    def rows(self, index: list[int]) -> np.ndarray:
+        return np.ascontiguousarray(self.array[index])
+
     def __getitem__(self, index: torch.Tensor) -> torch.Tensor:
-        return torch.from_numpy(np.ascontiguousarray(self.array[index.numpy()])).permute(0, 3, 1, 2)
+        return _nchw(self.rows(index.tolist()))
 
 
 ImageSource = Union[torch.Tensor, DecodedFiles, MemmapImages]
 
 
 def stream_batches(images: ImageSource, index_batches: Sequence[torch.Tensor], workers: int = 0,
-            pin_memory: bool = False) -> Iterable[torch.Tensor]:
+                   pin_memory: bool = False) -> Iterator[torch.Tensor]:
     """The uint8 batches `images[b]` for every `b` in order; `workers` processes read ahead.
 
-    A tensor already in memory is indexed in this process. The loader has its own generator,
-    so it never draws from torch's global RNG (which training and its checkpoints own).
+    A tensor already in memory is indexed in this process. Workers exchange plain lists and
+    numpy arrays with this process (pickled through a pipe): torch's tensor sharing passes file
+    descriptors over a socket in $TMPDIR, which hangs where that path is too long for a socket.
+    The loader has its own generator, so it never draws from torch's global RNG (which training
+    and its checkpoints own).
     """
-    from torch.utils.data import DataLoader
+    if isinstance(images, torch.Tensor):
+        batches = (images[b] for b in index_batches)
+    else:
+        from torch.utils.data import DataLoader
 
-    return DataLoader(images, batch_size=None, sampler=index_batches,
-                      num_workers=0 if isinstance(images, torch.Tensor) else workers,
-                      pin_memory=pin_memory, generator=torch.Generator())
+        loader = DataLoader(_Rows(images), batch_size=None, sampler=[b.tolist() for b in index_batches],
+                            num_workers=workers, collate_fn=_unchanged, generator=torch.Generator())
+        batches = (_nchw(rows) for rows in loader)
+    return (batch.pin_memory() for batch in batches) if pin_memory else batches
 
+
+class _Rows:
+    """A source as a map-style dataset whose items are whole batches (numpy, NHWC)."""
+
+    def __init__(self, source: DecodedFiles | MemmapImages):
+        self.source = source
+
+    def __getitem__(self, index: list[int]) -> np.ndarray:
+        return self.source.rows(index)
+
+
+def _unchanged(batch: np.ndarray) -> np.ndarray:
+    return batch
+
+
+def _nchw(rows: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(rows).permute(0, 3, 1, 2)

@@ -8,6 +8,7 @@ import dataclasses
 import difflib
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -114,8 +115,12 @@ def test_deployment_settings_reach_the_compiled_spec(tmp_path):
     assert k8s["exec-train-model"]["nodeSelector"] == {"labels": {"gpu": "a100"}}
     assert k8s["exec-train-model"]["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists",
                                                       "effect": "NoSchedule"}]
-    assert k8s["exec-train-model"]["pvcMount"][0]["mountPath"] == "/mnt/checkpoints"
-    assert k8s["exec-prepare-dataset"]["pvcMount"][0]["mountPath"] == "/mnt/data"
+    # the data PVC is mounted wherever images are read, and nowhere else (they never travel as artifacts)
+    mounts = {name: {m["constant"]: m["mountPath"] for m in executor.get("pvcMount", [])} for name, executor in k8s.items()}
+    assert {name for name, m in mounts.items() if m.get("raw-data") == "/mnt/data"} == {
+        "exec-prepare-dataset", "exec-validate-dataset", "exec-train-model", "exec-convert-onnx", "exec-encode-shard",
+        "exec-evaluate-retrieval"}
+    assert mounts["exec-train-model"]["ckpt"] == "/mnt/checkpoints"
     for executor in ("exec-train-model", "exec-evaluate-retrieval", "exec-promote-model"):
         assert k8s[executor]["secretAsEnv"][0]["secretName"] == "mlflow-creds"
         assert k8s[executor]["secretAsEnv"][0]["keyToEnv"] == [{"secretKey": "MLFLOW_TRACKING_TOKEN",
@@ -151,12 +156,13 @@ def test_bad_deployment_settings(settings, message):
 
 # --- the whole pipeline through kfp.local ----------------------------------------------------
 
-def run_local(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
+def run_local(tmp_path: Path, *overrides: str, data_root: Path | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, "TMPDIR": str(tmp_path / "tmp"), "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db"}
     (tmp_path / "tmp").mkdir(exist_ok=True)
     args = [sys.executable, "-m", "adalabelhash.cli", "kfp", "run-local", "--pipeline-root", str(tmp_path / "kfp")]
     for override in overrides:
         args += ["-S", override]
+    args += ["--data-root", str(data_root)] if data_root else []
     return subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
 
 
@@ -171,7 +177,8 @@ def test_local_run_end_to_end(tmp_path):
     (run,) = (tmp_path / "kfp").glob("adalabelhash-*")
 
     dataset = run / "prepare-dataset" / "dataset"
-    assert (dataset / "manifest.parquet").is_file() and len(list(dataset.glob("*/*.png"))) == 1797
+    assert [p.name for p in dataset.rglob("*") if p.is_file()] == ["manifest.parquet"]  # the images stay where they are
+    assert executor_output(run / "prepare-dataset")["artifacts"]["dataset"]["artifacts"][0]["metadata"]["images"] == 1797
     assert executor_output(run / "validate-dataset")["parameterValues"]["Output"] is True
     assert "<html" in (run / "validate-dataset" / "data_docs").read_text().lower()
 
@@ -196,6 +203,22 @@ def test_local_run_end_to_end(tmp_path):
     mlflow_run = client.get_run(version.run_id)
     assert mlflow_run.data.tags["mlflow.source.name"] == "kfp"
     assert mlflow_run.data.params["train.epochs"] == "2" and mlflow_run.data.metrics["mAP"] == metrics["mAP"]
+
+
+@pytest.mark.slow
+def test_local_run_reads_a_data_root_in_place(tmp_path, digits_root):
+    """A non-digits source: every step reads the images at --data-root (a PVC on a cluster); none is copied."""
+    result = run_local(tmp_path, "prepare.source=imagefolder", f"prepare.root={digits_root}", "train.epochs=1",
+                       "promote.mode=dry_run", data_root=digits_root)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    (run,) = (tmp_path / "kfp").glob("adalabelhash-*")
+    dataset = run / "prepare-dataset" / "dataset"
+    assert [p.name for p in dataset.rglob("*") if p.is_file()] == ["manifest.parquet"]
+    copies = [p for p in tmp_path.rglob("*.png") if re.fullmatch(r"\d{4}\.png", p.name)]  # digits: 0003.png
+    assert copies == [], copies[:5]
+    metadata = executor_output(run / "prepare-dataset")["artifacts"]["dataset"]["artifacts"][0]["metadata"]
+    assert metadata["data_root"] == str(digits_root) and metadata["source"] == "imagefolder"
+    assert executor_output(run / "validate-dataset")["parameterValues"]["Output"] is True
 
 
 @pytest.mark.slow

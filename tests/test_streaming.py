@@ -48,9 +48,9 @@ def test_batches_come_in_order_and_only_the_rows_asked_for(tiny_train_data, tmp_
     read = []
 
     class Recording(DecodedFiles):
-        def __getitem__(self, index):
-            read.extend(index.tolist())
-            return super().__getitem__(index)
+        def rows(self, index):
+            read.extend(index)
+            return super().rows(index)
 
     source = Recording(write_pngs(images, tmp_path), 16)
     wanted = [torch.tensor([5, 1, 9]), torch.tensor([2]), torch.tensor([30, 31])]
@@ -119,3 +119,21 @@ def test_training_memory_does_not_grow_with_the_dataset(tmp_path):
     for cached in (False, True):
         growth = peaks[3200, cached] - peaks[400, cached]
         assert growth < decoded_difference / 3, (cached, growth / 2**20, peaks)
+
+
+def test_loader_workers_under_a_long_tmpdir(tiny_train_data, tmp_path):
+    """Workers hand batches back through a pipe: torch's tensor sharing needs a socket in $TMPDIR,
+    whose path a deep TMPDIR (KFP's local runner) makes too long, and the loader then hung."""
+    paths = write_pngs(tiny_train_data.train_images[:40], tmp_path / "images")
+    deep = tmp_path / ("d" * 60) / ("e" * 60)
+    deep.mkdir(parents=True)
+    script = textwrap.dedent(f"""
+        import torch
+        from adalabelhash.streaming import DecodedFiles, stream_batches
+        source = DecodedFiles({[str(p) for p in paths]!r}, 16)
+        got = list(stream_batches(source, list(torch.arange(40).split(8)), workers=2))
+        print(sum(len(b) for b in got))
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "TMPDIR": str(deep)})
+    assert proc.returncode == 0 and proc.stdout.split() == ["40"], proc.stderr[-2000:]
