@@ -72,12 +72,20 @@ def stream_batches(images: ImageSource, index_batches: Sequence[torch.Tensor], w
     if isinstance(images, torch.Tensor):
         batches = (images[b] for b in index_batches)
     else:
-        from torch.utils.data import DataLoader
-
-        loader = DataLoader(_Rows(images), batch_size=None, sampler=[b.tolist() for b in index_batches],
-                            num_workers=workers, collate_fn=_unchanged, generator=torch.Generator())
-        batches = (_nchw(rows) for rows in loader)
+        batches = _loaded(images, [b.tolist() for b in index_batches], workers)
     return (batch.pin_memory() for batch in batches) if pin_memory else batches
+
+
+def _loaded(source: DecodedFiles | MemmapImages, index_batches: list[list[int]], workers: int) -> Iterator[torch.Tensor]:
+    from torch.utils.data import DataLoader
+
+    loader = iter(DataLoader(_Rows(source), batch_size=None, sampler=index_batches, num_workers=workers,
+                             collate_fn=_unchanged, generator=torch.Generator()))
+    for remaining in range(len(index_batches) - 1, -1, -1):
+        rows = next(loader)
+        if not remaining:
+            del loader  # the workers end with the last batch, not when the caller drops this generator
+        yield _nchw(rows)
 
 
 class _Rows:

@@ -6,10 +6,11 @@ Writes a synthetic ImageFolder dataset (10 classes, JPEG, 64 px: a class colour 
 quadrants plus noise; written once and reused), then runs the real steps as `adalabelhash`
 commands, one process each, as `dvc repro` does: prepare, validate, one training epoch
 (small_cnn, 64 px, batch 64: read per batch from the files by 2 loader workers, and again from
-the memory-mapped decoded cache, whose first run builds it), convert-onnx, encode, evaluate.
-MLflow is off. For each step: wall time and the peak anonymous memory (RssAnon, sampled every
-20 ms) summed over the step's process tree (its loader workers included). Anonymous memory is
-what a pod's limit must hold; the cache's pages are file-backed (the OS page cache), so they are
+the memory-mapped decoded cache, its first run building it), export-codewords, convert-onnx,
+encode (shards of 10,000), evaluate.
+MLflow is off. For each step: wall time and the peak anonymous memory (Pss_Anon, sampled every
+50 ms) summed over the step's process tree (its loader workers included). Anonymous memory is
+close to what a pod's limit must hold; the cache's pages are file-backed (the OS page cache), so they are
 not in it. `--old-code DIR` also trains with the package at DIR (e.g. a checkout from before
 streaming: it decodes every split whole into memory). Appends the result as JSON to runs/.
 """
@@ -54,13 +55,14 @@ def generate(root: Path, count: int, seed: int = 0) -> None:
 
 
 def tree_anon_bytes(pid: int) -> int:
-    """RssAnon of `pid` and all its descendants."""
+    """Proportional anonymous memory (Pss_Anon) of `pid` and all its descendants: pages a forked
+    loader worker still shares with its parent count once, not once per process."""
     total, stack = 0, [pid]
     while stack:
         p = stack.pop()
         try:
-            for line in open(f"/proc/{p}/status"):
-                if line.startswith("RssAnon:"):
+            for line in open(f"/proc/{p}/smaps_rollup"):
+                if line.startswith("Pss_Anon:"):
                     total += int(line.split()[1]) * 1024
             for task in os.listdir(f"/proc/{p}/task"):
                 stack += [int(c) for c in open(f"/proc/{p}/task/{task}/children").read().split()]
@@ -77,7 +79,7 @@ def measure(command: list[str], cwd: Path, env: dict) -> dict:
     def sample():
         while proc.poll() is None:
             peak[0] = max(peak[0], tree_anon_bytes(proc.pid))
-            time.sleep(0.02)
+            time.sleep(0.05)
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
@@ -94,9 +96,9 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=20000)
     parser.add_argument("--work", type=Path, default=REPO / ".cache" / "scale")
     parser.add_argument("--old-code", type=Path, help="also train with the package checked out here")
-    parser.add_argument("--steps", default="prepare,validate,train,train-cache,convert-onnx,encode,evaluate")
+    parser.add_argument("--steps", default="prepare,validate,train,train-cache,export-codewords,convert-onnx,encode,evaluate")
     args = parser.parse_args()
-    work = args.work / str(args.images)
+    work = args.work.resolve() / str(args.images)
     data = work / "data"
     start = time.perf_counter()
     generate(data, args.images)
@@ -121,12 +123,14 @@ def main() -> None:
         "train": [*train, "--out", str(b / "train")],
         "train-cache": [*train, "--out", str(b / "train-cache"), "--cache", str(work / "decoded")],
         "train-cache-again": [*train, "--out", str(b / "train-cache"), "--cache", str(work / "decoded")],
-        "convert-onnx": ["convert-onnx", *common, "--model", str(b / "train"), *manifest, "--data-root", str(data),
-                         "--out", str(b / "onnx")],
-        "encode": ["encode", *common, "--onnx", str(b / "onnx"), *manifest, "--data-root", str(data),
-                   "--shards", str(b / "shards"), "--out", str(b / "encode")],
-        "evaluate": ["evaluate", *common, "--encoded", str(b / "encode"), *manifest, "--data-root", str(data),
-                     "--codewords", str(b / "codewords.npy"), "--out", str(b / "evaluate")],
+        "export-codewords": ["export-codewords", *common, "--model", str(b / "train"), "--out", str(b / "codewords")],
+        "convert-onnx": ["convert-onnx", *common, "--model", str(b / "train"), "--codewords", str(b / "codewords"),
+                         *manifest, "--data-root", str(data), "--out", str(b / "onnx")],
+        "encode": ["encode", *common, "--onnx", str(b / "onnx/model.onnx"), *manifest, "--data-root", str(data),
+                   "--shards-dir", str(b / "encode_shards"), "--out", str(b / "encode")],
+        "evaluate": ["evaluate", *common, "--encoded", str(b / "encode"), "--run", str(b / "onnx"), *manifest,
+                     "--data-root", str(data), "--codewords", str(b / "codewords/codewords.npy"),
+                     "--out", str(b / "evaluate")],
     }
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "2", "TQDM_DISABLE": "1"}
     results = {}
@@ -134,8 +138,6 @@ def main() -> None:
     if "train-cache" in wanted:
         wanted.insert(wanted.index("train-cache") + 1, "train-cache-again")
     for name in wanted:
-        if name == "evaluate":
-            _write_codewords(b)
         results[name] = measure([sys.executable, "-m", "adalabelhash.cli", *steps[name]], work, env)
         print(f"{name}: {results[name]}", flush=True)
     if args.old_code:
@@ -148,14 +150,6 @@ def main() -> None:
     (HERE / "runs").mkdir(exist_ok=True)
     with open(HERE / "runs" / "results.jsonl", "a") as f:
         f.write(json.dumps(record) + "\n")
-
-
-def _write_codewords(build: Path) -> None:
-    """evaluate's nearest-codeword accuracy needs the binarised codewords (export-codewords' output)."""
-    import torch
-
-    state = torch.load(build / "train" / "model.pt", map_location="cpu", weights_only=False)
-    print(sorted(state)[:10])
 
 
 if __name__ == "__main__":
