@@ -6,7 +6,8 @@ Writes a synthetic ImageFolder dataset (10 classes, JPEG, 64 px: a class colour 
 quadrants plus noise; written once and reused), then runs the real steps as `adalabelhash`
 commands, one process each, as `dvc repro` does: prepare, validate, one training epoch
 (small_cnn, 64 px, batch 64: read per batch from the files by 2 loader workers, and again from
-the memory-mapped decoded cache, its first run building it), export-codewords, convert-onnx,
+the memory-mapped decoded cache, its first run building it; `train-cache-again` in --steps
+trains from the built cache), export-codewords, convert-onnx,
 encode (shards of 10,000), evaluate.
 MLflow is off. For each step: wall time and the peak anonymous memory (Pss_Anon, sampled every
 50 ms) summed over the step's process tree (its loader workers included). Anonymous memory is
@@ -96,7 +97,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=20000)
     parser.add_argument("--work", type=Path, default=REPO / ".cache" / "scale")
     parser.add_argument("--old-code", type=Path, help="also train with the package checked out here")
-    parser.add_argument("--steps", default="prepare,validate,train,train-cache,export-codewords,convert-onnx,encode,evaluate")
+    parser.add_argument("--steps", help="comma-separated subset ('' for none, e.g. with --old-code only)", default="prepare,validate,train,train-cache,export-codewords,convert-onnx,encode,evaluate")
     args = parser.parse_args()
     work = args.work.resolve() / str(args.images)
     data = work / "data"
@@ -113,6 +114,9 @@ def main() -> None:
     params["mlflow"]["enabled"] = False
     params["evaluate"].update(topk=[1000], precision_at=[100, 1000], examples=3)
     (work / "params.yaml").write_text(yaml.safe_dump(params))
+    old = {**params, "prepare": {k: v for k, v in params["prepare"].items() if k != "unlabeled"},
+           "train": {k: v for k, v in params["train"].items() if k != "loader_workers"}}
+    (work / "params-old.yaml").write_text(yaml.safe_dump(old))  # the keys the code before streaming knew
     b = work / "build"
     common = ["--params", "params.yaml"]
     manifest = ["--manifest", str(b / "prepare/manifest.parquet")]
@@ -134,16 +138,15 @@ def main() -> None:
     }
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "2", "TQDM_DISABLE": "1"}
     results = {}
-    wanted = args.steps.split(",")
-    if "train-cache" in wanted:
-        wanted.insert(wanted.index("train-cache") + 1, "train-cache-again")
+    wanted = [name for name in args.steps.split(",") if name]
     for name in wanted:
         results[name] = measure([sys.executable, "-m", "adalabelhash.cli", *steps[name]], work, env)
         print(f"{name}: {results[name]}", flush=True)
     if args.old_code:
         old_env = {**env, "PYTHONPATH": str(args.old_code)}
-        results["train (old code)"] = measure([sys.executable, "-m", "adalabelhash.cli", *train, "--out",
-                                               str(b / "train-old")], work, old_env)
+        old_train = [*train, "--out", str(b / "train-old")]
+        old_train[old_train.index("params.yaml")] = "params-old.yaml"
+        results["train (old code)"] = measure([sys.executable, "-m", "adalabelhash.cli", *old_train], work, old_env)
         print(f"train (old code): {results['train (old code)']}", flush=True)
     record = {"images": args.images, "recorded": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
               "load_average": os.getloadavg(), "results": results}
