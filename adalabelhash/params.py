@@ -8,6 +8,7 @@ types with one line that names the key.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from pathlib import Path
@@ -29,10 +30,25 @@ def load_params(path: str | Path = DEFAULT_PARAMS) -> dict[str, Any]:
     except FileNotFoundError:
         raise UserError(f"{path}: params file not found") from None
     except yaml.YAMLError as exc:
-        raise UserError(f"{path}: not valid YAML ({exc})") from None
+        raise UserError(f"{path}: not valid YAML ({yaml_problem(exc)})") from None
     if not isinstance(params, dict):
         raise UserError(f"{path}: expected a mapping of sections, got {type(params).__name__}")
     return params
+
+
+def yaml_problem(exc: yaml.YAMLError) -> str:
+    """PyYAML's multi-line message as one line: what is wrong and where."""
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark else problem
+
+
+def require_finite(obj: Any) -> None:
+    """Raise ValueError naming the first float field of dataclass `obj` that is NaN or infinite."""
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"{f.name} must be a finite number, got {value}")
 
 
 def load_section(cls: type[T], name: str, path: str | Path = DEFAULT_PARAMS) -> T:
@@ -89,7 +105,9 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
         if not isinstance(value, dict):
             raise UserError(f"params {where}: expected a mapping, got {value!r}")
         return value
-    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        if not math.isfinite(value):
+            raise UserError(f"params {where}: must be a finite number, got {value}")
         return float(value)
     if hint is Any:
         return value

@@ -44,22 +44,28 @@ def load_images(paths: Sequence[str | Path], size: int, threads: int = 4, progre
     return out
 
 
-def load_images_cached(paths: Sequence[Path], hashes: Sequence[str], size: int, cache_dir: Path | None,
-                       threads: int = 4) -> np.ndarray:
-    """`load_images`, memoised on disk by the files' content hashes and the size."""
-    if cache_dir is None:
-        return load_images(paths, size, threads)
+def decoded_cache(paths: Sequence[Path], hashes: Sequence[str], size: int, cache_dir: Path,
+                  threads: int = 4, chunk: int = 1024) -> np.ndarray:
+    """The images decoded once into an .npy file on disk, returned memory-mapped (read-only).
+
+    Keyed by the files' content hashes and the size. Built `chunk` images at a time, so neither
+    building nor reading it holds the decoded dataset in memory: pages come from the OS cache.
+    """
+    if not len(paths):
+        return np.zeros((0, size, size, 3), np.uint8)
     # "upright": decoded with the EXIF orientation applied; caches from before that are not reused
     key = hashlib.sha256(f"{size}\nupright\n".encode() + "\n".join(hashes).encode()).hexdigest()[:24]
     cached = Path(cache_dir) / f"decoded-{size}px-{key}.npy"
-    if cached.exists():
-        return np.load(cached)
-    images = load_images(paths, size, threads)
-    from adalabelhash.fileio import atomic_output
+    if not cached.exists():
+        from adalabelhash.fileio import atomic_output
 
-    with atomic_output(cached) as tmp:
-        np.save(tmp, images)
-    return images
+        with atomic_output(cached) as tmp:
+            out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(paths), size, size, 3))
+            for start in range(0, len(paths), chunk):
+                out[start : start + chunk] = load_images(paths[start : start + chunk], size, threads, progress=False)
+            out.flush()
+            del out
+    return np.load(cached, mmap_mode="r")
 
 
 def to_model_input(images_nhwc: np.ndarray) -> np.ndarray:

@@ -1,7 +1,9 @@
 """Training: the reference recipe by default, every knob in `TrainConfig` (params.yaml `train:`).
 
-Images arrive decoded once as a uint8 tensor (N, 3, H, W) and are augmented on the training
-device in whole batches, so no decoding happens inside the epoch loop. Every epoch:
+Images are read per batch from an image source (adalabelhash.streaming: the files, decoded by
+DataLoader workers, or the memory-mapped decoded cache; or a uint8 tensor in memory), so memory
+is bounded by the batch and the workers, not by the dataset; batches are augmented on the
+training device. Every epoch:
   train on a seeded permutation -> validate (mAP of the val split against a fixed subset of
   the training images) -> checkpoint (weights, codewords, optimiser, scheduler, RNG, history).
 Model selection and early stopping use the validation split, never the queries. Each epoch's
@@ -31,6 +33,7 @@ from adalabelhash.errors import UserError
 from adalabelhash.fileio import atomic_output
 from adalabelhash.loss import adalabelhash_loss, csq_loss
 from adalabelhash.model import HashModel, margin_for
+from adalabelhash.streaming import ImageSource, stream_batches
 from adalabelhash.train_config import EXPECTED_GPUS_ENV, TrainConfig, expected_gpus
 
 EpochCallback = Callable[[int, dict], None]
@@ -38,11 +41,11 @@ EpochCallback = Callable[[int, dict], None]
 
 @dataclass
 class TrainData:
-    """Decoded images (uint8, N x 3 x H x W) and multi-hot labels (N x C) per split."""
+    """Images per split (image sources yielding uint8 N x 3 x H x W batches) and multi-hot labels (N x C)."""
 
-    train_images: torch.Tensor
+    train_images: ImageSource
     train_labels: torch.Tensor
-    val_images: torch.Tensor
+    val_images: ImageSource
     val_labels: torch.Tensor
     class_names: list[str]
     fingerprint: str  # the dataset version: checkpoints of other data are not resumed
@@ -51,12 +54,12 @@ class TrainData:
         num_classes = len(self.class_names)
         for name in ("train", "val"):
             images, labels = getattr(self, f"{name}_images"), getattr(self, f"{name}_labels")
-            if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
+            if isinstance(images, torch.Tensor) and (images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3):
                 raise UserError(f"{name} images must be uint8 N x 3 x H x W, got {images.dtype} {tuple(images.shape)}")
             if labels.ndim != 2 or labels.shape[1] != num_classes:
                 raise UserError(f"{name} labels must be N x {num_classes} (one column per class), got {tuple(labels.shape)}")
-            if labels.shape[0] != images.shape[0]:
-                raise UserError(f"{name}: {images.shape[0]} images but {labels.shape[0]} label rows")
+            if labels.shape[0] != len(images):
+                raise UserError(f"{name}: {len(images)} images but {labels.shape[0]} label rows")
         if len(self.train_images) == 0:
             raise UserError("no training images")
         empty = [self.class_names[c] for c in torch.nonzero(self.train_labels.sum(0) == 0).flatten().tolist()]
@@ -248,12 +251,15 @@ def fit(
         generator = torch.Generator().manual_seed(config.seed * 1_000_003 + epoch)
         model.train()
         order = torch.randperm(len(data.train_images), generator=generator)[: per_rank * world][rank::world]
+        # this rank's batches, read ahead by the loader's workers while the model trains
+        pixels = iter(stream_batches(data.train_images, list(order.split(config.batch_size)), config.loader_workers,
+                                     pin_memory=device.type == "cuda"))
         loss_sum, seen = torch.zeros((), dtype=torch.float64, device=device), 0  # on the device: no per-step sync
         batches = tqdm(range(0, len(order), config.batch_size), desc=f"epoch {epoch + 1}",
                        disable=_tqdm_disable(progress if rank == 0 else False), leave=False)
         for start in batches:
             index = order[start : start + config.batch_size]
-            images = _augment(data.train_images[index].to(device), config, generator)
+            images = _augment(next(pixels).to(device, non_blocking=True), config, generator)
             images = images.contiguous(memory_format=memory_format)
             labels = data.train_labels[index].to(device, torch.float32)
             with amp:
@@ -309,14 +315,15 @@ def fit(
 
 
 @torch.no_grad()
-def encode(model: HashModel, images: torch.Tensor, device: torch.device, batch_size: int = 256,
-           channels_last: bool = True) -> np.ndarray:
-    """uint8 images (N, 3, H, W) -> tanh codes (N, K) as float32 numpy, in eval mode."""
+def encode(model: HashModel, images: ImageSource, device: torch.device, batch_size: int = 256,
+           channels_last: bool = True, workers: int = 0) -> np.ndarray:
+    """uint8 images (N, 3, H, W; any image source) -> tanh codes (N, K) as float32 numpy, in eval mode."""
     model.eval()
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     out = []
-    for start in range(0, len(images), batch_size):
-        batch = images[start : start + batch_size].to(device).float().div_(255)
+    index_batches = list(torch.arange(len(images)).split(batch_size))
+    for pixels in stream_batches(images, index_batches, workers, pin_memory=device.type == "cuda"):
+        batch = pixels.to(device, non_blocking=True).float().div_(255)
         out.append(model(batch.contiguous(memory_format=memory_format)).float().cpu())
     if not out:
         return np.zeros((0, model.config.bits), np.float32)
@@ -326,7 +333,7 @@ def encode(model: HashModel, images: torch.Tensor, device: torch.device, batch_s
 def validate(model, val_images, val_labels, db_images, db_labels, device, config: TrainConfig) -> dict:
     from adalabelhash.metrics import nearest_codeword_classify, retrieval_metrics
 
-    val_codes = encode(model, val_images, device, channels_last=config.channels_last)
+    val_codes = encode(model, val_images, device, channels_last=config.channels_last, workers=config.loader_workers)
     db_codes = encode(model, db_images, device, channels_last=config.channels_last)
     val_packed, db_packed = pack_codes(val_codes), pack_codes(db_codes)
     result = retrieval_metrics(val_packed, val_labels.numpy(), db_packed, db_labels.numpy(), topk=(), precision_at=())
@@ -336,7 +343,9 @@ def validate(model, val_images, val_labels, db_images, db_labels, device, config
 
 
 def _validation_database(config: TrainConfig, data: TrainData) -> tuple[torch.Tensor, torch.Tensor]:
-    """A fixed, seeded subset of the training images for the val queries to be ranked against."""
+    """A fixed, seeded subset of the training images for the val queries to be ranked against.
+
+    Decoded once and kept: its size is `val_database_size`, not the dataset's."""
     n = len(data.train_images)
     size = min(config.val_database_size, n)
     index = torch.randperm(n, generator=torch.Generator().manual_seed(config.seed))[:size].sort().values

@@ -47,11 +47,16 @@ class TrainConfig:
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     threads: Optional[int] = None  # torch CPU threads (per process); null = torch's default
     processes: int = 1  # DDP processes on this machine (one per GPU; gloo on CPU), launched with torchrun
-    decode_threads: int = 4  # parallel image decoding before training
+    decode_threads: int = 4  # threads decoding the images into the decoded cache (train --cache)
+    loader_workers: int = 2  # processes reading/decoding the next batches while one trains (0: none)
     channels_last: bool = True
 
     def __post_init__(self):
-        positive = {"epochs": self.epochs, "batch_size": self.batch_size, "image_size": self.image_size, "lr": self.lr}
+        from adalabelhash.params import require_finite
+
+        require_finite(self)  # NaN passes none of the comparisons below; inf trains to NaN weights
+        positive = {"epochs": self.epochs, "batch_size": self.batch_size, "image_size": self.image_size, "lr": self.lr,
+                    "margin": self.margin}
         for name, value in positive.items():
             if not value > 0:
                 raise ValueError(f"{name} must be > 0, got {value}")
@@ -59,14 +64,17 @@ class TrainConfig:
             raise ValueError(f"head_lr must be > 0 or null, got {self.head_lr}")
         if not 0 <= self.shift < 0.5:
             raise ValueError(f"shift must be in [0, 0.5), got {self.shift}")
-        if self.patience < 0 or self.lr_decay < 0 or self.weight_decay < 0:
-            raise ValueError("patience, lr_decay and weight_decay must be >= 0")
+        for name in ("patience", "lr_decay", "weight_decay", "csq_quantization"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.loss == "csq" and not self.freeze_codewords:
             raise ValueError("loss csq trains towards fixed centres: set freeze_codewords: true (codeword_init hadamard or random)")
         if not self.centre_pull >= 0 or (self.centre_pull and self.loss != "adalabelhash"):
             raise ValueError(f"centre_pull must be >= 0, and only with loss adalabelhash (got {self.centre_pull}, loss {self.loss})")
         if self.processes < 1:
             raise ValueError(f"processes must be >= 1, got {self.processes}")
+        if self.loader_workers < 0 or self.decode_threads < 1:
+            raise ValueError(f"loader_workers must be >= 0 and decode_threads >= 1, got {self.loader_workers}, {self.decode_threads}")
 
     def model_config(self, num_classes: int):
         from adalabelhash.model import ModelConfig
@@ -76,7 +84,8 @@ class TrainConfig:
     def identity(self, data_fingerprint: str) -> str:
         """What a checkpoint must match to be resumed: every knob that changes the weights."""
         # device and precision are recorded per epoch instead: a resume may continue on other hardware
-        semantic = {k: v for k, v in asdict(self).items() if k not in ("threads", "decode_threads", "device", "precision")}
+        semantic = {k: v for k, v in asdict(self).items()
+                    if k not in ("threads", "decode_threads", "loader_workers", "device", "precision")}
         semantic["processes"] = max(self.processes, 1)  # the world size changes the effective batch
         blob = json.dumps({"config": semantic, "data": data_fingerprint}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]

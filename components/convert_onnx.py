@@ -36,6 +36,8 @@ class ConvertOnnxParams:
             raise ValueError("parity_images must be >= 2 (the batch dimension is tested with 1 and N)")
         if not 0 < self.min_bit_agreement <= 1:
             raise ValueError(f"min_bit_agreement must be in (0, 1], got {self.min_bit_agreement}")
+        if not self.confident_margin >= 0:
+            raise ValueError(f"confident_margin must be >= 0, got {self.confident_margin}")
 
 
 def convert_onnx(params: ConvertOnnxParams, model_path: Path, manifest_path: Path, data_root: Path, out_dir: Path) -> dict:

@@ -2,8 +2,10 @@
 
 KFP serialises only each function's body, so every import lives inside it; the bodies call
 the same step functions as `dvc repro`, from the package installed in the image
-(pipelines/config.py). Directories travel as typed artifacts: the prepared `Dataset` (images
-and manifest.parquet at its top) is the data root of every later step. The MLflow run
+(pipelines/config.py). Directories travel as typed artifacts. The prepared `Dataset` holds
+manifest.parquet and its metadata names the data root, never a copy of the images: every step
+that reads images reads them there (`config.image_root`: the data PVC mounted in that step, or
+the embedded digits generated in the pod), and an encode shard reads only its own rows. The MLflow run
 reference travels between steps as a JSON string (RunRef.to_json()). Helpers the bodies share
 live in pipelines/config.py: at run time kfp.dsl has no `component`, so this module cannot be
 imported there.
@@ -19,32 +21,31 @@ from pipelines.config import IMAGE
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
 def prepare_dataset(prepare: dict, data_root: str, data_version: str, dataset: Output[Dataset]):
-    """Materialise the images into `dataset` and write manifest.parquet at its top.
+    """Write manifest.parquet into `dataset`; its metadata names where the images stay.
 
-    `digits` is written by the get-data code (no external data); other sources are copied from
-    `data_root`, a path mounted in the pod. `data_version` is an input so that KFP's cache key
-    changes when the data does.
+    `digits` is generated in the pod (no external data); other sources are read at `data_root`,
+    a path mounted in the pod (the data PVC), and never copied. `data_version` is an input so
+    that KFP's cache key changes when the data does.
     """
     import dataclasses
-    import shutil
     from pathlib import Path
 
     from adalabelhash.errors import UserError
-    from components.get_data import get_data
     from components.prepare import prepare as build_manifest
-    from pipelines.config import section
+    from pipelines.config import embedded_digits, section
 
     params = section("prepare", prepare)
     if params.source == "digits":
-        get_data("digits", dataset.path)
+        root, data_root = embedded_digits(), ""
     elif not data_root or not Path(data_root).is_dir():
         raise UserError(f"prepare.source {params.source} reads the data_root pipeline parameter, a directory "
                         f"mounted in the pod; got {data_root!r}")
     else:
-        shutil.copytree(data_root, dataset.path, dirs_exist_ok=True)
-    summary = build_manifest(dataclasses.replace(params, root=dataset.path), dataset.path)
+        root = data_root
+    summary = build_manifest(dataclasses.replace(params, root=root), dataset.path)
     dataset.metadata.update({"source": params.source, "images": summary["images"], "classes": summary["classes"],
-                             "fingerprint": summary["fingerprint"], "data_version": data_version})
+                             "fingerprint": summary["fingerprint"], "data_version": data_version,
+                             "data_root": data_root})
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
@@ -58,10 +59,11 @@ def validate_dataset(validate: dict, dataset: Input[Dataset], report: Output[Art
     from adalabelhash.data.manifest import MANIFEST_NAME
     from adalabelhash.data.validation import DOCS_NAME
     from components.validate import GateFailed, validate as check
-    from pipelines.config import section
+    from pipelines.config import image_root, section
 
     try:
-        summary = check(section("validate", validate), Path(dataset.path) / MANIFEST_NAME, report.path, dataset.path)
+        summary = check(section("validate", validate), Path(dataset.path) / MANIFEST_NAME, report.path,
+                        image_root(dataset.metadata))
     except GateFailed as exc:
         print(exc.details)
         summary = exc.summary
@@ -99,11 +101,11 @@ def train_model(prepare: dict, validate: dict, train: dict, mlflow: dict, datase
     from adalabelhash import tracking
     from adalabelhash.data.manifest import MANIFEST_NAME
     from components.train import train_tracked
-    from pipelines.config import section
+    from pipelines.config import image_root, section
 
     sections = {"prepare": prepare, "validate": validate, "train": train, "mlflow": mlflow}
     all_params = {name: dataclasses.asdict(section(name, values)) for name, values in sections.items()}
-    summary, ref = train_tracked(all_params, Path(dataset.path) / MANIFEST_NAME, Path(dataset.path),
+    summary, ref = train_tracked(all_params, Path(dataset.path) / MANIFEST_NAME, Path(image_root(dataset.metadata)),
                                  Path(validation.path), Path(model.path),
                                  checkpoint_dir=Path(checkpoint_dir) if checkpoint_dir else None, source="kfp")
     if dataset.metadata.get("data_version"):
@@ -146,11 +148,12 @@ def convert_onnx(convert_onnx: dict, monitor: dict, model: Input[Model], dataset
     from adalabelhash.data.manifest import MANIFEST_NAME
     from adalabelhash.tracking import RunRef
     from components.convert_onnx import convert_onnx_tracked
-    from pipelines.config import section
+    from pipelines.config import image_root, section
 
     report, ref = convert_onnx_tracked(section("convert_onnx", convert_onnx), Path(model.path),
-                                       Path(dataset.path) / MANIFEST_NAME, Path(dataset.path), Path(codewords.path),
-                                       Path(onnx_model.path), RunRef.from_json(run), section("monitor", monitor))
+                                       Path(dataset.path) / MANIFEST_NAME, Path(image_root(dataset.metadata)),
+                                       Path(codewords.path), Path(onnx_model.path), RunRef.from_json(run),
+                                       section("monitor", monitor))
     onnx_model.metadata.update({"framework": "onnx", "mlflow_model_uri": ref.model_uri,
                                 **{k: report[k] for k in ("bits", "image_size", "bit_agreement")}})
     return ref.to_json()
@@ -166,14 +169,14 @@ def score_champion(promote: dict, encode: dict, evaluate: dict, mlflow: dict, da
     from adalabelhash import tracking
     from adalabelhash.data.manifest import MANIFEST_NAME
     from components.score_champion import resolve, score
-    from pipelines.config import section
+    from pipelines.config import image_root, section
 
     promote_params, mlflow_params = section("promote", promote), section("mlflow", mlflow)
     uri = tracking.resolve_tracking_uri(mlflow_params)
     found, note = resolve(promote_params, uri) if mlflow_params.enabled else ({"version": None}, "mlflow disabled")
     print(f"score-champion: {note}")
     result = score(section("encode", encode), section("evaluate", evaluate), found, Path(dataset.path) / MANIFEST_NAME,
-                   Path(dataset.path), Path(champion.path), uri, promote_params.metric)
+                   Path(image_root(dataset.metadata)), Path(champion.path), uri, promote_params.metric)
     champion.metadata.update({"version": result["version"] or "", "value": result["value"] or 0.0})
 
 
@@ -189,10 +192,10 @@ def monitor_data(monitor: dict, dataset: Input[Dataset], champion: Input[Artifac
 
     from adalabelhash.data.manifest import MANIFEST_NAME
     from components.monitor import REPORT_NAME, monitor_champion, summary_line
-    from pipelines.config import section
+    from pipelines.config import image_root, section
 
     result = monitor_champion(section("monitor", monitor), Path(champion.path), Path(dataset.path) / MANIFEST_NAME,
-                              Path(dataset.path), Path(drift.path), force=force_retrain)
+                              Path(image_root(dataset.metadata)), Path(drift.path), force=force_retrain)
     print(summary_line(result, Path(drift.path)))
     shutil.copyfile(Path(drift.path) / REPORT_NAME, report.path)
     drift.metadata.update({"retrain": result["retrain"], "trigger_reason": result["trigger_reason"],
@@ -216,15 +219,15 @@ def plan_shards(encode: dict, dataset: Input[Dataset]) -> List[int]:
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
 def encode_shard(encode: dict, onnx_model: Input[Model], dataset: Input[Dataset], shard: int,
                  shards: Output[Artifact]):
-    """Encode one shard of the query and database images with onnxruntime."""
+    """Encode one shard of the query and database images with onnxruntime: it reads only its own rows."""
     from pathlib import Path
 
     from adalabelhash.data.manifest import MANIFEST_NAME
     from components.encode import encode_shards
-    from pipelines.config import section
+    from pipelines.config import image_root, section
 
     encode_shards(section("encode", encode), Path(onnx_model.path) / "model.onnx", Path(dataset.path) / MANIFEST_NAME,
-                  Path(dataset.path), Path(shards.path), only=[int(shard)])
+                  Path(image_root(dataset.metadata)), Path(shards.path), only=[int(shard)])
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
@@ -253,10 +256,10 @@ def evaluate_retrieval(evaluate: dict, encoded: Input[Dataset], dataset: Input[D
     from adalabelhash.data.manifest import MANIFEST_NAME
     from adalabelhash.tracking import RunRef
     from components.evaluate import evaluate_tracked
-    from pipelines.config import section
+    from pipelines.config import image_root, section
 
     result, ref = evaluate_tracked(section("evaluate", evaluate), Path(encoded.path), Path(dataset.path) / MANIFEST_NAME,
-                                   Path(dataset.path), Path(evaluation.path), Path(codewords.path) / "codewords.npy",
+                                   Path(image_root(dataset.metadata)), Path(evaluation.path), Path(codewords.path) / "codewords.npy",
                                    RunRef.from_json(run))
     for key, value in result.items():
         if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "stable_seed":

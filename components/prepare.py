@@ -30,6 +30,7 @@ class PrepareParams:
     val_size: int | None = None  # listfile: val images carved from train (None: val_per_class x classes)
     list_files: dict[str, str] | None = None  # listfile: {train, query, database} -> list file path
     class_names: str | None = None  # listfile: file with one class name per line (else class_0..)
+    unlabeled: Literal["drop", "refuse"] = "drop"  # listfile: lines with no label are left out (and counted) or refused
     seed: int = 0  # split draw
     workers: int = 0  # hashing processes (0: one per CPU); does not change the result
 
@@ -69,8 +70,21 @@ def build_draft(params: PrepareParams) -> "Draft":
             return sources.cifar10_draft(params.root, "I", params.val_per_class, params.seed,
                                          params.query_per_class or 100, params.train_per_class or 500)
         return sources.cifar10_draft(params.root, "II", params.val_per_class, params.seed)
+    _require_under_root(params)
     return sources.listfile_draft(params.list_files, params.class_names, params.seed, params.val_size,
-                                  params.val_per_class)
+                                  params.val_per_class, params.unlabeled)
+
+
+def _require_under_root(params: PrepareParams) -> None:
+    """List files live under the data root: `dvc repro` then reruns prepare when one changes
+    (the root is the stage's dependency), and a cluster finds them where it finds the images."""
+    from adalabelhash.errors import UserError
+
+    root = Path(params.root).resolve()
+    for name in [*params.list_files.values(), *([params.class_names] if params.class_names else [])]:
+        if not Path(name).resolve().is_relative_to(root):
+            raise UserError(f"{name}: list files must be under prepare.root ({params.root}), where DVC tracks "
+                            f"them as the prepare stage's dependency")
 
 
 def hash_files(root: str, paths: list[str]) -> list[tuple[str | None, str | None]]:
@@ -110,7 +124,7 @@ def prepare(params: PrepareParams, out_dir: str | Path) -> dict[str, Any]:
     manifest.save(path)
     return {"manifest": str(path), "fingerprint": manifest.fingerprint(), "images": len(manifest),
             "classes": manifest.num_classes, "sizes": manifest.split_sizes(), "expected_sizes": draft.expected,
-            **{k: v for k, v in draft.info.items() if k == "official_counts"}}
+            **{k: v for k, v in draft.info.items() if k in ("official_counts", "unlabeled_dropped")}}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -127,5 +141,8 @@ def run(args: argparse.Namespace) -> None:
     print(f"prepare {params.source}{' protocol ' + params.protocol if params.protocol else ''}: "
           f"{summary['images']:,} images, {summary['classes']} classes ({sizes})")
     print(f"  {summary['manifest']}  fingerprint {summary['fingerprint'][:16]}")
+    if any(summary.get("unlabeled_dropped", {}).values()):
+        dropped = ", ".join(f"{k} {v:,}" for k, v in summary["unlabeled_dropped"].items())
+        print(f"  left out lines with no label (prepare.unlabeled: drop): {dropped}")
     if summary.get("official_counts") is False:
         print("  note: the CIFAR-10 tree does not have the official 5,000/1,000 images per class")

@@ -42,17 +42,21 @@ def train(
     from adalabelhash.data.manifest import Manifest
     from adalabelhash.fileio import atomic_directory, write_json
     from adalabelhash.model import describe_codeword_init, save_model
-    from adalabelhash.preprocess import load_images_cached
+    from adalabelhash.preprocess import decoded_cache
+    from adalabelhash.streaming import DecodedFiles, MemmapImages
     from adalabelhash.train import TrainData, distributed, fit
 
     manifest = Manifest.load(manifest_path)
     frame = manifest.frame
 
     def split(name: str):
+        """Read per batch: from the files, or from the memory-mapped decoded cache when there is one."""
         paths = manifest.files(data_root, name)
-        hashes = list(frame.loc[frame[name], "sha256"])
-        pixels = load_images_cached(paths, hashes, params.image_size, cache_dir, params.decode_threads)
-        images = torch.from_numpy(pixels).permute(0, 3, 1, 2)
+        if cache_dir is None:
+            images = DecodedFiles(paths, params.image_size)
+        else:
+            hashes = list(frame.loc[frame[name], "sha256"])
+            images = MemmapImages(decoded_cache(paths, hashes, params.image_size, cache_dir, params.decode_threads))
         return images, torch.from_numpy(manifest.label_matrix(name))
 
     train_images, train_labels = split("train")
@@ -206,7 +210,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, type=Path, help="output directory (model.pt, history.csv, ...)")
     parser.add_argument("--checkpoints", type=Path, help="per-epoch checkpoints, kept across runs for resuming")
     parser.add_argument("--no-resume", action="store_true", help="ignore existing checkpoints")
-    parser.add_argument("--cache", type=Path, help="directory for decoded-image caches")
+    parser.add_argument("--cache", type=Path, help="decode the images once into a memory-mapped cache here "
+                        "(pays from the second epoch on; without it, every epoch decodes the files)")
 
 
 def run(args: argparse.Namespace) -> None:

@@ -77,3 +77,32 @@ def _integral_to_int(value: Any) -> Any:
     if isinstance(value, list):
         return [_integral_to_int(v) for v in value]
     return value
+
+
+def image_root(dataset_metadata: dict) -> str:
+    """Where the images of a prepared `dataset` artifact are read, for a step that reads them.
+
+    The artifact holds the manifest, never the images: a non-digits source is read at the data
+    root it was prepared from (the data PVC, mounted in every step that reads images); the
+    embedded digits are generated here (deterministic: the manifest's hashes still match).
+    """
+    if dataset_metadata.get("data_root"):
+        return dataset_metadata["data_root"]
+    if dataset_metadata.get("source") == "digits":
+        return embedded_digits()
+    from adalabelhash.errors import UserError
+
+    raise UserError("the dataset artifact names no data_root (prepared by another version of the pipeline?)")
+
+
+def embedded_digits() -> str:
+    """The digits as files in this pod's temp directory, written once (atomically) per pod."""
+    import tempfile
+    from pathlib import Path
+
+    from components.get_data import get_data
+
+    target = Path(tempfile.gettempdir()) / f"adalabelhash-digits-{__version__}"
+    if not target.is_dir():
+        get_data("digits", target)
+    return str(target)

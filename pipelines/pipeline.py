@@ -30,7 +30,7 @@ PACKAGE = Path(__file__).with_name("adalabelhash_pipeline.yaml")
 NAME = "adalabelhash"
 STEP_SECTIONS = tuple(config.SECTIONS)
 SHM_MOUNT = "/dev/shm"  # DataLoader workers hand batches over through it; the container default is 64 MB
-DATA_MOUNT = "/mnt/data"  # where kfp.data_pvc is mounted in the prepare pod
+DATA_MOUNT = "/mnt/data"  # where kfp.data_pvc is mounted in every pod that reads images
 CHECKPOINT_MOUNT = "/mnt/checkpoints"  # where kfp.checkpoints_pvc is mounted in the train pod
 TOLERATION_KEYS = {"key", "operator", "value", "effect", "toleration_seconds"}
 # What an MLflow client may need in a pod: a server token, and the artifact store's keys when
@@ -86,7 +86,9 @@ def build_pipeline(params: dict):
     # submit-time override is refused by the train step itself, which sees the same GPU count)
     check_processes_fit_gpus(values["train"].get("processes", 1), settings.train_gpus)
 
-    def configure(task, gpus: int = 0, retry: bool = True, shm: bool = False):
+    def configure(task, gpus: int = 0, retry: bool = True, shm: bool = False, reads_images: bool = False):
+        if reads_images and settings.data_pvc:  # images are read where they are, never copied into artifacts
+            kubernetes.mount_pvc(task, settings.data_pvc, DATA_MOUNT)
         if settings.mlflow_secret:  # every step may log to MLflow
             kubernetes.use_secret_as_env(task, settings.mlflow_secret, {k: k for k in settings.mlflow_secret_keys})
         if retry and settings.retries:
@@ -120,20 +122,20 @@ def build_pipeline(params: dict):
         data_version: str = "",
         force_retrain: bool = False,
     ):
-        prepared = configure(steps.prepare_dataset(prepare=prepare, data_root=data_root, data_version=data_version))
-        if settings.data_pvc:
-            kubernetes.mount_pvc(prepared, settings.data_pvc, DATA_MOUNT)
+        prepared = configure(steps.prepare_dataset(prepare=prepare, data_root=data_root, data_version=data_version),
+                             reads_images=True)
         dataset = prepared.outputs["dataset"]
-        gate = configure(steps.validate_dataset(validate=validate, dataset=dataset))
+        gate = configure(steps.validate_dataset(validate=validate, dataset=dataset), reads_images=True)
 
         with dsl.If(gate.outputs["Output"] == True, name="data-gate-passed"):  # noqa: E712 (a KFP condition)
             # The champion re-scored on this data, then the drift report: they read the registry, so
             # they are never served from the cache. Training follows only when the report says so.
             scored = configure(steps.score_champion(promote=promote, encode=encode, evaluate=evaluate, mlflow=mlflow,
-                                                    dataset=dataset)).set_caching_options(False)
+                                                    dataset=dataset), reads_images=True).set_caching_options(False)
             champion = scored.outputs["champion"]
             watched = configure(steps.monitor_data(monitor=monitor, dataset=dataset, champion=champion,
-                                                   force_retrain=force_retrain)).set_caching_options(False)
+                                                   force_retrain=force_retrain),
+                                reads_images=True).set_caching_options(False)
 
             with dsl.If(watched.outputs["Output"] == True, name="retrain"):  # noqa: E712
                 # Multi-GPU: train.processes > 1 runs DDP under torchrun inside this pod, one process per
@@ -142,7 +144,7 @@ def build_pipeline(params: dict):
                     prepare=prepare, validate=validate, train=train, mlflow=mlflow, dataset=dataset,
                     validation=gate.outputs["report"],
                     checkpoint_dir=CHECKPOINT_MOUNT if settings.checkpoints_pvc else "",
-                ), gpus=settings.train_gpus, shm=True)
+                ), gpus=settings.train_gpus, shm=True, reads_images=True)
                 if settings.checkpoints_pvc:
                     kubernetes.mount_pvc(trained, settings.checkpoints_pvc, CHECKPOINT_MOUNT)
                 model = trained.outputs["model"]
@@ -153,17 +155,18 @@ def build_pipeline(params: dict):
                 converted = configure(steps.convert_onnx(convert_onnx=convert_onnx, monitor=monitor, model=model,
                                                          dataset=dataset, codewords=codewords,
                                                          run=exported.outputs["Output"]),
-                                      gpus=min(settings.encode_gpus, 1))
+                                      gpus=min(settings.encode_gpus, 1), reads_images=True)
                 onnx_model = converted.outputs["onnx_model"]
                 plan = configure(steps.plan_shards(encode=encode, dataset=dataset))
                 with dsl.ParallelFor(plan.output, parallelism=settings.encode_parallelism) as shard:
                     encoded_shard = configure(steps.encode_shard(encode=encode, onnx_model=onnx_model, dataset=dataset,
-                                                                 shard=shard), gpus=settings.encode_gpus, shm=True)
+                                                                 shard=shard), gpus=settings.encode_gpus, shm=True,
+                                              reads_images=True)
                 merged = configure(steps.merge_shards(encode=encode, onnx_model=onnx_model, dataset=dataset,
                                                       shards=dsl.Collected(encoded_shard.outputs["shards"])))
                 evaluated = configure(steps.evaluate_retrieval(
                     evaluate=evaluate, encoded=merged.outputs["encoded"], dataset=dataset, codewords=codewords,
-                    run=converted.outputs["Output"]))
+                    run=converted.outputs["Output"]), reads_images=True)
                 # The registry is a side effect: never served from the cache, never retried behind the user's back.
                 configure(steps.promote_model(
                     promote=promote, evaluation=evaluated.outputs["evaluation"], champion=champion,

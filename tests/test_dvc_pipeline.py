@@ -23,19 +23,20 @@ def run(cmd, cwd, env, check=True):
     return proc
 
 
-@pytest.fixture(scope="module")
-def project(tmp_path_factory, digits_root):
-    """A git + DVC checkout of this repository with the digits data in place, after one `dvc repro`."""
-    root = tmp_path_factory.mktemp("repo")
+def copy_project(root: Path, data: dict[str, Path], train: dict, **sections) -> dict[str, str]:
+    """A git checkout of this repository in `root` with `data` copied in and params.yaml edited; its env."""
     files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True,
                            text=True, check=True).stdout.split()
     for name in files:
         if (REPO / name).is_file():
             (root / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(REPO / name, root / name)
-    shutil.copytree(digits_root, root / "data" / "digits")
+    for target, source in data.items():
+        shutil.copytree(source, root / target)
     params = yaml.safe_load((root / "params.yaml").read_text())
-    params["train"].update(epochs=2, threads=2)
+    params["train"].update(train)
+    for name, values in sections.items():
+        params[name].update(values)
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     tracking_db = root.parent / "mlflow.db"
     env = {
@@ -49,6 +50,14 @@ def project(tmp_path_factory, digits_root):
     run(["git", "init", "-q"], root, env)
     run(["git", "add", "-A"], root, env)
     run(["git", "commit", "-qm", "copy"], root, env)
+    return env
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory, digits_root):
+    """A git + DVC checkout of this repository with the digits data in place, after one `dvc repro`."""
+    root = tmp_path_factory.mktemp("repo")
+    env = copy_project(root, {"data/digits": digits_root}, {"epochs": 2, "threads": 2})
     first = run(["dvc", "repro"], root, env)
     return {"root": root, "env": env, "uri": env["MLFLOW_TRACKING_URI"], "first": first}
 
@@ -197,3 +206,69 @@ def test_retraining_on_new_data_replaces_the_champion_fairly(project):
     weaker = json.loads((root / "build/promote/decision.json").read_text())
     assert not weaker["champion"] and weaker["compared_with"]["version"] == str(new.version), weaker["reasons"]
     assert client.get_model_version_by_alias("adalabelhash", "champion").version == new.version
+
+
+def multi_label_images(root: Path, count: int, seed: int, prefix: str) -> list[str]:
+    """`count` 16 px PNGs, each showing 1-2 of 4 labels (label k: a bright quadrant k), as list lines."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    lines = []
+    for i in range(count):
+        labels = np.zeros(4, int)
+        labels[rng.choice(4, size=rng.integers(1, 3), replace=False)] = 1
+        pixels = rng.integers(0, 40, (16, 16, 3))
+        for k in np.flatnonzero(labels):
+            pixels[(k // 2) * 8 : (k // 2) * 8 + 8, (k % 2) * 8 : (k % 2) * 8 + 8] += [200, 120 + 30 * k, 60]
+        path = f"img/{prefix}{i:04d}.png"
+        (root / path).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(root / path)
+        lines.append(f"{path} {' '.join(map(str, labels))}")
+    return lines
+
+
+def test_multi_label_listfile_end_to_end_with_unlabeled_lines_dropped(tmp_path):
+    """prepare -> ... -> promote on a multi-label set from list files, by `dvc repro`; editing a list reruns prepare."""
+    data = tmp_path / "multilabel"
+    train = multi_label_images(data, 240, seed=0, prefix="t")
+    queries = multi_label_images(data, 40, seed=1, prefix="q")
+    (data / "img" / "blank.png").write_bytes((data / "img" / "t0000.png").read_bytes())
+    unlabeled = "img/blank.png 0 0 0 0"  # NUS-WIDE and COCO lists have such lines
+    (data / "train.txt").write_text("\n".join(train + [unlabeled]) + "\n")
+    (data / "database.txt").write_text("\n".join(train + [unlabeled]) + "\n")
+    (data / "query.txt").write_text("\n".join(queries) + "\n")
+    (data / "classes.txt").write_text("sky\nsea\ncar\ntree\n")
+    root = tmp_path / "repo"
+    lists = {split: f"data/multilabel/{split}.txt" for split in ("train", "query", "database")}
+    env = copy_project(root, {"data/multilabel": data}, {"epochs": 4, "threads": 2, "image_size": 16, "bits": 16,
+                                                         "lr": 0.003},
+                       prepare={"source": "listfile", "root": "data/multilabel", "list_files": lists,
+                                "class_names": "data/multilabel/classes.txt", "val_size": 24, "unlabeled": "drop",
+                                "query_per_class": None, "val_per_class": 10},
+                       convert_onnx={"parity_images": 16})
+    run(["dvc", "repro"], root, env)
+    manifest = json.loads(run([sys.executable, "-c", "import json, sys; from adalabelhash.data.manifest import Manifest;"
+                               "m = Manifest.load('build/prepare/manifest.parquet');"
+                               "print(json.dumps({'info': m.info, 'sizes': m.split_sizes(), 'classes': m.classes}))"],
+                              root, env).stdout)
+    assert manifest["info"]["unlabeled_dropped"] == {"train": 1, "query": 0, "database": 1}
+    assert manifest["sizes"] == {"train": 216, "val": 24, "query": 40, "database": 240}
+    assert manifest["classes"] == ["sky", "sea", "car", "tree"]
+    metrics = json.loads((root / "build/evaluate/metrics.json").read_text())
+    assert metrics["queries"] == 40 and metrics["database"] == 240 and metrics["mAP"] > 0.6, metrics
+    decision = json.loads((root / "build/promote/decision.json").read_text())
+    assert decision["challenger"] and decision["champion"], decision
+    assert json.loads((root / "build/validate/validation.json").read_text())["summary"]["success"] is True
+    # a list file is a dependency of prepare: editing it makes prepare (and what follows) stale
+    (root / "data/multilabel/query.txt").write_text("\n".join(queries[:-1]) + "\n")
+    status = run(["dvc", "status", "prepare"], root, env).stdout
+    assert "changed deps" in status and "data/multilabel" in status, status
+    # the other policy refuses the unlabeled line, naming file and line
+    text = (root / "params.yaml").read_text().replace("unlabeled: drop", "unlabeled: refuse")
+    (root / "params.yaml").write_text(text)
+    proc = run(["adalabelhash", "prepare", "--params", "params.yaml", "--out", str(tmp_path / "refused")], root, env,
+               check=False)
+    assert proc.returncode == 2 and not (tmp_path / "refused").exists()
+    assert proc.stderr.strip().splitlines() == [
+        "error: data/multilabel/train.txt:241: img/blank.png has no label (1 such line(s) in this file); "
+        "set prepare.unlabeled: drop to leave them out"]

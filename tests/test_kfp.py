@@ -8,6 +8,7 @@ import dataclasses
 import difflib
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -119,8 +120,12 @@ def test_deployment_settings_reach_the_compiled_spec(tmp_path):
     assert k8s["exec-train-model"]["nodeSelector"] == {"labels": {"gpu": "a100"}}
     assert k8s["exec-train-model"]["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists",
                                                       "effect": "NoSchedule"}]
-    assert k8s["exec-train-model"]["pvcMount"][0]["mountPath"] == "/mnt/checkpoints"
-    assert k8s["exec-prepare-dataset"]["pvcMount"][0]["mountPath"] == "/mnt/data"
+    # the data PVC is mounted wherever images are read, and nowhere else (they never travel as artifacts)
+    mounts = {name: {m["constant"]: m["mountPath"] for m in executor.get("pvcMount", [])} for name, executor in k8s.items()}
+    assert {name for name, m in mounts.items() if m.get("raw-data") == "/mnt/data"} == {
+        "exec-prepare-dataset", "exec-validate-dataset", "exec-train-model", "exec-convert-onnx", "exec-encode-shard",
+        "exec-evaluate-retrieval"}
+    assert mounts["exec-train-model"]["ckpt"] == "/mnt/checkpoints"
     for executor in ("exec-train-model", "exec-evaluate-retrieval", "exec-promote-model"):
         assert k8s[executor]["secretAsEnv"][0]["secretName"] == "mlflow-creds"
         assert k8s[executor]["secretAsEnv"][0]["keyToEnv"] == [{"secretKey": "MLFLOW_TRACKING_TOKEN",
@@ -197,11 +202,15 @@ def scheduled_runs(tmp_path_factory, digits_root):
 
 
 @pytest.mark.slow
-def test_local_run_end_to_end(scheduled_runs):
+def test_local_run_end_to_end(scheduled_runs, digits_root):
     tmp_path, runs = scheduled_runs
     run = runs["first"]
     dataset = run / "prepare-dataset" / "dataset"
-    assert (dataset / "manifest.parquet").is_file() and len(list(dataset.glob("*/*.png"))) == 1797
+    assert [p.name for p in dataset.rglob("*") if p.is_file()] == ["manifest.parquet"]  # the images stay where they are
+    metadata = executor_output(run / "prepare-dataset")["artifacts"]["dataset"]["artifacts"][0]["metadata"]
+    assert metadata["images"] == 1797 and metadata["data_root"] == str(digits_root)
+    copies = [p for p in run.rglob("*.png") if re.fullmatch(r"\d{4}\.png", p.name)]  # no step copied an image
+    assert copies == [], copies[:5]
     assert executor_output(run / "validate-dataset")["parameterValues"]["Output"] is True
     assert "<html" in (run / "validate-dataset" / "data_docs").read_text().lower()
     assert json.loads((run / "score-champion" / "champion" / "score.json").read_text())["version"] is None

@@ -250,3 +250,24 @@ def test_real_cifar10_tarball_gives_the_standard_protocol_sizes(cifar_tarball):
     two = sources.cifar10_split(train, test, "II", val_per_class=100, seed=0)
     assert two.expected == {"train": 49_000, "val": 1000, "query": 10_000, "database": 50_000}
     assert two.frame[["train", "val", "query", "database"]].sum().to_dict() == two.expected
+
+
+def test_listfile_unlabeled_lines_dropped_and_counted_or_refused(tmp_path):
+    lists = write_lists(tmp_path, {"train": ["img/0.jpg 1 0", "img/1.jpg 0 0", "img/2.jpg 0 1"],
+                                   "query": ["img/3.jpg 0 0", "img/4.jpg 1 1"], "database": ["img/0.jpg 1 0"]})
+    draft = sources.listfile_draft(lists, None, seed=0, val_size=0)
+    assert draft.info["unlabeled_dropped"] == {"train": 1, "query": 1, "database": 0}
+    assert sorted(draft.frame["path"]) == ["img/0.jpg", "img/2.jpg", "img/4.jpg"]
+    assert draft.expected == {"train": 2, "val": 0, "query": 1, "database": 1}
+    with pytest.raises(UserError, match=r"train.txt:2: img/1.jpg has no label \(1 such line\(s\) in this file\)"):
+        sources.listfile_draft(lists, None, seed=0, val_size=0, unlabeled="refuse")
+
+
+def test_listfile_outside_the_data_root_is_refused(tmp_path):
+    (tmp_path / "data").mkdir()
+    lists = write_lists(tmp_path, {"train": ["img/0.jpg 1 0"], "query": ["img/1.jpg 0 1"], "database": ["img/0.jpg 1 0"]})
+    params = parse_section(PrepareParams, {"source": "listfile", "root": str(tmp_path / "data"), "list_files": lists,
+                                           "val_size": 0}, "prepare")
+    with pytest.raises(UserError, match=r"train.txt: list files must be under prepare.root"):
+        prepare(params, tmp_path / "out")
+    assert not (tmp_path / "out").exists()

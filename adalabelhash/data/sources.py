@@ -200,10 +200,13 @@ def read_list_file(path: str | Path, width: int | None) -> list[tuple[str, str, 
 
 
 def listfile_draft(list_files: dict[str, str], class_names: str | None, seed: int, val_size: int | None = None,
-                   val_per_class: int = 10) -> Draft:
+                   val_per_class: int = 10, unlabeled: str = "drop") -> Draft:
     """Multi-label lists, one per split (train, query, database); a path in several lists is one row.
 
     `val_size` train images (None: `val_per_class` x the number of classes) become val.
+    Lines whose labels are all 0 (NUS-WIDE and MS-COCO lists have them): `unlabeled: drop` leaves
+    them out and counts them per split in the info (the usual protocols keep the images with at
+    least one of the chosen labels); `refuse` makes them an error.
     """
     classes = None
     if class_names:
@@ -213,10 +216,19 @@ def listfile_draft(list_files: dict[str, str], class_names: str | None, seed: in
             raise UserError(f"{class_names}: class names file not found") from None
     width = len(classes) if classes else None
     rows: dict[str, dict[str, Any]] = {}
-    counts = {}
+    counts, dropped = {}, {}
     for split in LIST_SPLITS:
         entries = read_list_file(list_files[split], width)
         width = width or len(entries[0][1])
+        empty = [(rel, number) for rel, labels, number in entries if "1" not in labels]
+        if empty and unlabeled == "refuse":
+            rel, number = empty[0]
+            raise UserError(f"{list_files[split]}:{number}: {rel} has no label ({len(empty)} such line(s) in this file); "
+                            f"set prepare.unlabeled: drop to leave them out")
+        dropped[split] = len(empty)
+        entries = [entry for entry in entries if "1" in entry[1]]
+        if not entries:
+            raise UserError(f"{list_files[split]}: every line has no label")
         counts[split] = len(entries)
         for rel, labels, number in entries:
             where = f"{list_files[split]}:{number}"
@@ -237,4 +249,4 @@ def listfile_draft(list_files: dict[str, str], class_names: str | None, seed: in
                      bool(r.get("database"))) for p, r in rows.items()])
     expected = {"train": counts["train"] - val_size, "val": val_size, "query": counts["query"],
                 "database": counts["database"]}
-    return Draft(frame, classes, expected, {"files": counts})
+    return Draft(frame, classes, expected, {"files": counts, "unlabeled_dropped": dropped})

@@ -3,16 +3,21 @@ fits the quality benchmark's time budget, and what caching decoded images saves.
 
     python benchmarks/train_speed/run.py [--repeats 3] [--images 256]
     python benchmarks/train_speed/run.py --step-variants [--repeats 5]
+    python benchmarks/train_speed/run.py --sources [--repeats 3] [--images 2560] [--size 64]
 
 Training: the project's own `fit` (the loop `dvc repro` runs: augmentation, forward, loss,
 backward, AdamW step) for one epoch over synthetic uint8 images, no validation; the number is
 its `train_images_per_s`. Every configuration is measured once per round, rounds interleaved,
 one warm-up round discarded, medians reported. Decoding: CIFAR-10 JPEGs decoded and resized by
-`load_images` vs the same images read back from the uint8 cache (`load_images_cached`); skipped
+`load_images` vs the same images read back from the memory-mapped uint8 cache (`decoded_cache`); skipped
 when the shared dataset is absent. Prints a table and appends the result as JSON to runs/.
 `--step-variants` instead times one training step (Lite0, 64 px, batch 64, 2 threads; the
 project's model and loss, AdamW) three ways: eager fp32 (what `fit` runs), bf16 autocast on the
 CPU, and the forward under `torch.compile`; alternated step by step, medians of `--repeats`.
+`--sources` instead trains one epoch (Lite0 pretrained, batch 64, 2 threads) on `--images` real
+CIFAR-10 training JPEGs read five ways: decoded whole into memory before training (the path
+before streaming), the memory-mapped decoded cache, and the files decoded per batch with 0, 1
+and 2 loader workers; rounds interleaved, one warm-up round discarded, medians of `--repeats`.
 """
 
 from __future__ import annotations
@@ -60,7 +65,9 @@ def training_throughput(config: tuple, images: int) -> float:
 
 
 def decode_throughput(count: int) -> dict | None:
-    from adalabelhash.preprocess import load_images, load_images_cached
+    import numpy as np
+
+    from adalabelhash.preprocess import decoded_cache, load_images
 
     if not CIFAR.is_dir():
         return None
@@ -72,11 +79,69 @@ def decode_throughput(count: int) -> dict | None:
         load_images(paths, size, threads=2, progress=False)
         out[f"decode_{size}px_images_per_s"] = len(paths) / (time.perf_counter() - start)
         with tempfile.TemporaryDirectory() as cache:
-            load_images_cached(paths, hashes, size, Path(cache), threads=2)  # fills the cache
+            decoded_cache(paths, hashes, size, Path(cache), threads=2)  # fills the cache
             start = time.perf_counter()
-            load_images_cached(paths, hashes, size, Path(cache), threads=2)
+            np.array(decoded_cache(paths, hashes, size, Path(cache), threads=2))  # every page read
             out[f"cached_{size}px_images_per_s"] = len(paths) / (time.perf_counter() - start)
     return out
+
+
+def cifar_train_sample(count: int) -> list[Path]:
+    """The first `count` training JPEGs of the shared CIFAR-10 tarball, in class-interleaved
+    order, extracted once under .cache/ (name sorted: the same files every run)."""
+    import tarfile
+
+    tarball = REPO.parent / "shared" / "datasets" / "cifar10-jpeg.tar.gz"
+    out = REPO / ".cache" / f"cifar10-train-{count}"
+    if not (out / ".complete").exists():
+        with tarfile.open(tarball) as tar:
+            members = sorted((m for m in tar if m.isfile() and m.name.split("/")[0] == "train"), key=lambda m: m.name)
+            per_class: dict[str, list] = {}
+            for member in members:
+                per_class.setdefault(member.name.split("/")[1], []).append(member)
+            chosen = [m for group in zip(*per_class.values()) for m in group][:count]
+            tar.extractall(out, members=chosen, filter="data")
+        (out / ".complete").write_text("")
+    return sorted(out.rglob("*.jpg"), key=lambda p: (p.stem, p.parent.name))[:count]
+
+
+def source_throughput(paths: list[Path], size: int, repeats: int) -> dict[str, list[float]]:
+    """`fit`'s img/s for one epoch with the images read five ways (decode time excluded for the
+    in-memory path, which pays it once before training; included for the others)."""
+    import dataclasses
+
+    import torch
+
+    from adalabelhash.preprocess import decoded_cache, load_images
+    from adalabelhash.streaming import DecodedFiles, MemmapImages
+    from adalabelhash.train import TrainData, fit
+    from adalabelhash.train_config import TrainConfig
+
+    classes = sorted({p.parent.name for p in paths})
+    labels = torch.nn.functional.one_hot(torch.tensor([classes.index(p.parent.name) for p in paths]), len(classes))
+    in_memory = torch.from_numpy(load_images(paths, size, threads=2, progress=False)).permute(0, 3, 1, 2)
+    with tempfile.TemporaryDirectory() as cache:
+        mapped = decoded_cache(paths, [str(p) for p in paths], size, Path(cache), threads=2)
+        sources = {
+            "in memory (decoded before training)": (in_memory, 0),
+            "memory-mapped decoded cache": (MemmapImages(mapped), 0),
+            "files, 0 workers": (DecodedFiles(paths, size), 0),
+            "files, 1 worker": (DecodedFiles(paths, size), 1),
+            "files, 2 workers": (DecodedFiles(paths, size), 2),
+        }
+        config = TrainConfig(backbone="efficientnet_lite0", pretrained=True, image_size=size, threads=2, bits=48,
+                             epochs=1, batch_size=64, optimizer="adamw", lr=3e-4, head_lr=3e-3, schedule="cosine",
+                             patience=0, device="cpu", augment="shift_flip")
+        samples: dict[str, list[float]] = {name: [] for name in sources}
+        for round_ in range(repeats + 1):
+            for name, (images, workers) in sources.items():
+                data = TrainData(images, labels, in_memory[:0], labels[:0], classes, "cifar")
+                rate = fit(dataclasses.replace(config, loader_workers=workers), data, progress=False).history[0][
+                    "train_images_per_s"]
+                if round_:
+                    samples[name].append(rate)
+                print(f"round {round_} {name}: {rate:.1f} img/s", flush=True)
+    return samples
 
 
 def step_variants(repeats: int, steps: int = 5) -> dict:
@@ -132,7 +197,21 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=256, help="training images per measurement (batch 64)")
     parser.add_argument("--decode-images", type=int, default=2000)
     parser.add_argument("--step-variants", action="store_true", help="only: fp32 vs bf16 autocast vs torch.compile")
+    parser.add_argument("--sources", action="store_true", help="only: in-memory vs memory-mapped vs per-batch decoding")
+    parser.add_argument("--size", type=int, default=64, help="--sources: image size")
     args = parser.parse_args()
+    if args.sources:
+        samples = source_throughput(cifar_train_sample(args.images), args.size, args.repeats)
+        reference = statistics.median(samples["in memory (decoded before training)"])
+        print(f"| images read ({args.size} px, Lite0, batch 64, 2 threads) | train img/s (median of {args.repeats}) "
+              f"| vs in memory | runs |")
+        print("|---|---|---|---|")
+        for name, rates in samples.items():
+            median = statistics.median(rates)
+            print(f"| {name} | {median:.1f} | {median / reference:.2f} | {', '.join(f'{r:.1f}' for r in rates)} |")
+        _append_result({"sources": samples, "size": args.size, "images": args.images,
+                        "load_average": os.getloadavg()[0]})
+        return
     if args.step_variants:
         result = step_variants(args.repeats)
         eager = statistics.median(result["images_per_s"]["eager fp32"])
