@@ -123,8 +123,8 @@ def test_deployment_settings_reach_the_compiled_spec(tmp_path):
     # the data PVC is mounted wherever images are read, and nowhere else (they never travel as artifacts)
     mounts = {name: {m["constant"]: m["mountPath"] for m in executor.get("pvcMount", [])} for name, executor in k8s.items()}
     assert {name for name, m in mounts.items() if m.get("raw-data") == "/mnt/data"} == {
-        "exec-prepare-dataset", "exec-validate-dataset", "exec-train-model", "exec-convert-onnx", "exec-encode-shard",
-        "exec-evaluate-retrieval"}
+        "exec-prepare-dataset", "exec-validate-dataset", "exec-score-champion", "exec-monitor-data", "exec-train-model",
+        "exec-convert-onnx", "exec-encode-shard", "exec-evaluate-retrieval"}
     assert mounts["exec-train-model"]["ckpt"] == "/mnt/checkpoints"
     for executor in ("exec-train-model", "exec-evaluate-retrieval", "exec-promote-model"):
         assert k8s[executor]["secretAsEnv"][0]["secretName"] == "mlflow-creds"
