@@ -10,7 +10,7 @@ export DVC_NO_ANALYTICS := 1
 export GIT_PYTHON_REFRESH := quiet
 
 .DEFAULT_GOAL := help
-.PHONY: help venv data run test test-fast pipeline constraints clean plots-template image image-check image-clean
+.PHONY: help venv data run serve retrain test test-fast pipeline constraints clean plots-template image image-check image-clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -30,6 +30,12 @@ data: $(STAMP) ## materialise the embedded default dataset (digits) under data/
 
 run: data ## run the whole pipeline (dvc repro) on the embedded default
 	dvc repro
+
+serve: $(STAMP) ## serve the registry's @champion on http://127.0.0.1:8000 (after make run; README "Serving")
+	adalabelhash serve
+
+retrain: $(STAMP) ## the drift report, then `dvc repro` only when it says so (what cron runs; README "Retraining")
+	adalabelhash retrain --if-drift
 
 test: $(STAMP) ## run the test suite (what CI runs)
 	$(BIN)/python -m pytest
