@@ -70,7 +70,7 @@ def load_version(uri: str, name: str, version: str, index_params: IndexParams, t
             raise UserError(f"{name} v{version}: run {model_version.run_id} has no '{ARTIFACT_PATH}/' artifact "
                             f"(logged by `evaluate`): {str(exc).splitlines()[0][:200]}") from None
         database = load_database(Path(database_dir))
-        session = open_session(model_dir / "model.onnx", threads=threads, prefer_gpu=False)
+        session = open_session(model_dir / "model.onnx", threads=threads, device="cpu")
     finally:
         shutil.rmtree(work, ignore_errors=True)  # the session and arrays are in memory now
     shape = session.get_inputs()[0].shape

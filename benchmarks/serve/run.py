@@ -87,7 +87,7 @@ def register(uri: str, onnx: Path, databases: dict[str, Database], work: Path) -
     client = tracking.client(uri)
     from adalabelhash.onnx_runtime import open_session
 
-    size = open_session(onnx, prefer_gpu=False).get_inputs()[0].shape[2]
+    size = open_session(onnx, device="cpu").get_inputs()[0].shape[2]
     model = tracking.log_onnx_model(tracking.start_run(params, {}, {}, "encoder"), onnx, [], image_size=size)
     client.create_registered_model(NAME)
     for alias, database in databases.items():
