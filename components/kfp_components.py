@@ -166,14 +166,12 @@ def score_champion(promote: dict, encode: dict, evaluate: dict, mlflow: dict, da
     evaluate code): what monitor and promote compare with. Never cached: it reads the registry."""
     from pathlib import Path
 
-    from adalabelhash import tracking
     from adalabelhash.data.manifest import MANIFEST_NAME
-    from components.score_champion import resolve, score
+    from components.score_champion import resolve_tracked, score
     from pipelines.config import image_root, section
 
-    promote_params, mlflow_params = section("promote", promote), section("mlflow", mlflow)
-    uri = tracking.resolve_tracking_uri(mlflow_params)
-    found, note = resolve(promote_params, uri) if mlflow_params.enabled else ({"version": None}, "mlflow disabled")
+    promote_params = section("promote", promote)
+    found, note, uri = resolve_tracked(promote_params, section("mlflow", mlflow))
     print(f"score-champion: {note}")
     result = score(section("encode", encode), section("evaluate", evaluate), found, Path(dataset.path) / MANIFEST_NAME,
                    Path(image_root(dataset.metadata)), Path(champion.path), uri, promote_params.metric)

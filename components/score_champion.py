@@ -54,6 +54,16 @@ def resolve(params: PromoteParams, tracking_uri: str, own_model_uri: str | None 
             "recorded_dataset": current.tags.get("dataset.fingerprint", "")}, note
 
 
+def resolve_tracked(params: PromoteParams, mlflow_params, own_model_uri: str | None = None) -> tuple[dict, str, str]:
+    """resolve() against the pipeline's tracking URI: (record, note, uri); no registry when MLflow is off."""
+    from adalabelhash import tracking
+
+    uri = tracking.resolve_tracking_uri(mlflow_params)
+    if not mlflow_params.enabled:
+        return {"model_name": params.model_name, "version": None}, "mlflow.enabled is false: no registry", uri
+    return (*resolve(params, uri, own_model_uri), uri)
+
+
 def score(encode_params: EncodeParams, evaluate_params: EvaluateParams, champion: dict, manifest_path: Path,
           data_root: Path, out_dir: Path, tracking_uri: str, metric: str = "mAP") -> dict:
     """Encode this run's queries and database with the champion's encoder and evaluate them.
@@ -144,13 +154,11 @@ def run(args: argparse.Namespace) -> None:
 
     promote_params = load_section(PromoteParams, "promote", args.params)
     mlflow_params = load_section(tracking.MlflowParams, "mlflow", args.params)
-    uri = tracking.resolve_tracking_uri(mlflow_params)
-    if not mlflow_params.enabled:
-        champion, note = {"model_name": promote_params.model_name, "version": None}, "mlflow.enabled is false: no registry"
-    elif args.resolve or args.champion is None:
+    if args.resolve or args.champion is None:
         own = tracking.RunRef.load(args.run).model_uri if args.run else None
-        champion, note = resolve(promote_params, uri, own)
+        champion, note, uri = resolve_tracked(promote_params, mlflow_params, own)
     else:
+        uri = tracking.resolve_tracking_uri(mlflow_params)
         champion = read_json(args.champion)
         note = "no champion" if champion.get("version") is None else f"champion v{champion['version']}"
     if args.resolve:

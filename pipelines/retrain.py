@@ -25,7 +25,7 @@ def retrain(params_path: Path, out_dir: Path, if_drift: bool, force: bool) -> di
     from components.evaluate import EvaluateParams
     from components.monitor import MonitorParams, monitor_champion, summary_line
     from components.promote import PromoteParams
-    from components.score_champion import resolve, score
+    from components.score_champion import resolve_tracked, score
 
     params = load_params(params_path)  # every section checked before anything runs
     monitor_params = load_section(MonitorParams, "monitor", params_path)
@@ -34,8 +34,7 @@ def retrain(params_path: Path, out_dir: Path, if_drift: bool, force: bool) -> di
     root = Path(str((params.get("prepare") or {}).get("root", "data/digits")))
     _dvc(["repro", "validate"])
     manifest = Path("build/prepare/manifest.parquet")
-    uri = tracking.resolve_tracking_uri(mlflow_params)
-    champion, note = resolve(promote_params, uri) if mlflow_params.enabled else ({"version": None}, "mlflow disabled")
+    champion, note, uri = resolve_tracked(promote_params, mlflow_params)
     print(f"retrain: {note}")
     score(parse_section(EncodeParams, params.get("encode"), "encode"),
           parse_section(EvaluateParams, params.get("evaluate"), "evaluate"), champion, manifest, root,
