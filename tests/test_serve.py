@@ -50,7 +50,9 @@ def expected_answer(database, position_or_code, k):
     return database.ids[order].tolist(), d[order].tolist()
 
 
-def test_index_ties_come_in_database_order_even_past_what_faiss_returns():
+def test_index_ties_come_in_database_order_and_a_batch_answers_each_query_as_alone():
+    from adalabelhash.serving.index import Query
+
     rng = np.random.default_rng(0)
     codes = rng.integers(0, 256, (3000, 1), dtype=np.uint8)  # 8 bits: ~12 codes per value, ties everywhere
     index = CodeIndex(codes)
@@ -58,10 +60,57 @@ def test_index_ties_come_in_database_order_even_past_what_faiss_returns():
         exact = hamming_distances(codes[row : row + 1], codes)[0]
         order = np.lexsort((np.arange(len(codes)), exact))[:50]
         assert p.tolist() == order.tolist() and d.tolist() == exact[order].tolist()
+    ks = [1, 7, 50, 3, 200]  # one faiss call for the widest k: each answer is still its own first k
+    batch = index.answer([Query(codes[row], k) for row, k in enumerate(ks)])
+    for row, (k, (d, p, asym)) in enumerate(zip(ks, batch)):
+        alone_d, alone_p = index.search(codes[row : row + 1], k)[0]
+        assert asym is None and p.tolist() == alone_p.tolist() and d.tolist() == alone_d.tolist() and len(p) == k
+
+
+def test_batcher_answers_what_queued_in_one_call_per_version_and_fails_only_its_own_version():
+    from adalabelhash.serving.batcher import Batcher
+
+    class Version:  # what the batcher uses of a ServedModel: encode + index
+        def __init__(self, codes, broken=False):
+            self.index, self.broken, self.encoded = CodeIndex(codes), broken, []
+
+        def encode(self, pixels):
+            if self.broken:
+                raise RuntimeError("encoder failed")
+            self.encoded.append(len(pixels))
+            return np.where(pixels.reshape(len(pixels), -1)[:, :16] > 127, 0.9, -0.9).astype(np.float32)
+
+    rng = np.random.default_rng(2)
+    codes = rng.integers(0, 256, (500, 2), dtype=np.uint8)
+    old, new, broken = Version(codes), Version(codes[::-1].copy()), Version(codes, broken=True)
+    sizes = []
+    batcher = Batcher(max_batch=64, on_batch=sizes.append)  # not started: run_once answers what queued
+    pixels = rng.integers(0, 256, (4, 4, 4, 3), dtype=np.uint8)
+    jobs = [batcher.submit(old, 5, code=codes[0]), batcher.submit(new, 9, code=codes[0]),
+            *[batcher.submit(old, 3, pixels=p, rerank=20) for p in pixels], batcher.submit(broken, 5, pixels=pixels[0]),
+            batcher.submit(new, 4, pixels=pixels[1])]
+    assert batcher.run_once(block=False) == len(jobs) and sizes == [len(jobs)]
+    assert old.encoded == [4] and new.encoded == [1]  # the images of a version: one ORT call
+    for future, version, k in ((jobs[0], old, 5), (jobs[1], new, 9)):
+        d, p, _ = future.result(timeout=0)
+        assert p.tolist() == version.index.search(codes[:1], k)[0][1].tolist()
+    real = np.where(pixels.reshape(4, -1)[:, :16] > 127, 0.9, -0.9).astype(np.float32)
+    from adalabelhash.codes import pack_codes
+    from adalabelhash.serving.index import Query
+
+    for future, r in zip(jobs[2:6], real):
+        d, p, asym = future.result(timeout=0)
+        (_, alone_p, alone_asym), = old.index.answer([Query(pack_codes(r[None])[0], 3, r, 20)])
+        assert p.tolist() == alone_p.tolist() and np.allclose(asym, alone_asym)
+    with pytest.raises(RuntimeError, match="encoder failed"):
+        jobs[6].result(timeout=0)
+    assert len(jobs[7].result(timeout=0)[1]) == 4
+    assert batcher.run_once(block=False) == 0
 
 
 def test_ivf_above_flat_max_and_rerank_orders_by_asymmetric_distance():
     from adalabelhash.codes import asymmetric_distances, pack_codes
+    from adalabelhash.serving.index import Query
 
     rng = np.random.default_rng(1)
     centres = rng.integers(0, 2, (20, 32))
@@ -73,7 +122,8 @@ def test_ivf_above_flat_max_and_rerank_orders_by_asymmetric_distance():
     assert d[0] == 0 and (np.diff(d) >= 0).all()  # all 64 lists probed: exact distances
     real = np.tanh(rng.normal(size=(3, 32))).astype(np.float32)
     flat = CodeIndex(codes)
-    for q, (d, p, asym) in zip(real, flat.search_reranked(real, 5, 200)):
+    reranked = flat.answer([Query(pack_codes(q[None])[0], 5, q, 200) for q in real])
+    for q, (d, p, asym) in zip(real, reranked):
         candidates = flat.search(pack_codes(q[None]), 200)[0][1]
         full = asymmetric_distances(q[None], codes[candidates])[0]
         assert np.allclose(asym, np.sort(full)[:5]) and set(p) <= set(candidates)

@@ -7,7 +7,8 @@
   GET  /metrics           Prometheus text
   POST /webhook           MLflow registry webhook (HMAC-signed): re-read the alias now
 
-Ties: items at equal distance in ascending id (adalabelhash/serving/index.py). With
+Ties: items at equal distance in ascending id (adalabelhash/serving/index.py). Searches that
+arrive together are answered together (adalabelhash/serving/batcher.py). With
 `rerank=N` the top N by Hamming distance are reordered by the asymmetric distance of the
 query's real-valued code (image queries only). A request takes the served version once, when
 it starts, and finishes on it even if a swap happens meanwhile.
@@ -17,6 +18,7 @@ needs `Authorization: Bearer <token>`.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import hmac
@@ -27,6 +29,7 @@ from dataclasses import dataclass
 from fastapi import Request  # at module level: FastAPI resolves the handlers' annotations here
 
 from adalabelhash.errors import UserError
+from adalabelhash.serving.batcher import Batcher
 from adalabelhash.serving.loader import Follower, ServedModel
 
 WEBHOOK_MAX_AGE_SECONDS = 300  # replay window for signed deliveries
@@ -47,7 +50,7 @@ class ApiError(Exception):
         self.status, self.message = status, message
 
 
-def create_app(follower: Follower, settings: ApiSettings):
+def create_app(follower: Follower, settings: ApiSettings, batcher: Batcher | None = None):
     from fastapi import FastAPI
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, Response
@@ -63,6 +66,10 @@ def create_app(follower: Follower, settings: ApiSettings):
     codes = Gauge("adalabelhash_database_codes", "codes in the served database", registry=registry)
     swaps = Counter("adalabelhash_swaps", "versions swapped in", registry=registry)
     load_failures = Counter("adalabelhash_load_failures", "versions that failed to load", registry=registry)
+    batch_sizes = Histogram("adalabelhash_batch_size", "queries answered by one search call", registry=registry,
+                            buckets=(1, 2, 4, 8, 16, 32, 64))
+    batcher = batcher or Batcher()
+    batcher.on_batch = batch_sizes.observe
 
     def on_event(kind: str, detail: dict) -> None:
         if kind == "swapped":
@@ -79,9 +86,11 @@ def create_app(follower: Follower, settings: ApiSettings):
 
     @asynccontextmanager
     async def lifespan(app):
+        batcher.start()
         follower.start()
         yield
         await run_in_threadpool(follower.stop)
+        await run_in_threadpool(batcher.stop)
 
     app = FastAPI(title="adalabelhash retrieval", lifespan=lifespan, docs_url=None, redoc_url=None)
 
@@ -132,21 +141,23 @@ def create_app(follower: Follower, settings: ApiSettings):
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/search/{item_id}")
-    def search_id(item_id: int, k: int = 10):
+    async def search_id(item_id: int, k: int = 10):
         model = serving()
         check_k(k)
         position = model.position(item_id)
         if position is None:
             raise ApiError(404, f"id {item_id} is not in the database of v{model.version}")
-        (distances, positions), = model.index.search(model.database.codes[position : position + 1], k)
-        return answer(model, distances, positions)
+        found = await asyncio.wrap_future(batcher.submit(model, k, code=model.database.codes[position]))
+        return answer(model, *found)
 
     @app.post("/search")
     async def search_image(request: Request, k: int = 10, rerank: int = 0):
         model = serving()  # this request's version, whatever happens to `current` meanwhile
         check_k(k, rerank)
         image = await read_upload(request, settings.max_upload_bytes)
-        return await run_in_threadpool(search_pixels, model, image, k, rerank)
+        pixels = await run_in_threadpool(decode_upload, image, model.image_size)  # decoders run in parallel
+        found = await asyncio.wrap_future(batcher.submit(model, k, pixels=pixels, rerank=rerank))
+        return answer(model, *found)
 
     @app.post("/webhook")
     async def webhook(request: Request):
@@ -231,26 +242,20 @@ async def read_upload(request, limit: int) -> bytes:
     return data
 
 
-def search_pixels(model: ServedModel, data: bytes, k: int, rerank: int):
-    from adalabelhash.codes import pack_codes
+def decode_upload(data: bytes, image_size: int):
     from adalabelhash.data.images import decode_rgb
     from adalabelhash.preprocess import fit_image
 
     try:
-        pixels = fit_image(decode_rgb(data, "upload"), model.image_size)
+        return fit_image(decode_rgb(data, "upload"), image_size)
     except UserError as exc:
         raise ApiError(400, str(exc)) from None
-    real = model.encode(pixels[None])
-    if rerank:
-        (distances, positions, asym), = model.index.search_reranked(real, k, rerank)
-        return answer(model, distances, positions, asym)
-    (distances, positions), = model.index.search(pack_codes(real), k)
-    return answer(model, distances, positions)
 
 
 def answer(model: ServedModel, distances, positions, rerank_distances=None):
-    """The JSON answer, as a response (plain types already: FastAPI's encoder pass is skipped)."""
-    from fastapi.responses import JSONResponse
+    """The JSON answer, serialised by orjson (the plain types are built here: no encoder pass)."""
+    import orjson
+    from fastapi.responses import Response
 
     database = model.database
     results = [{"id": int(database.ids[p]), "label": database.labels[p], "path": database.paths[p], "distance": int(d)}
@@ -258,7 +263,7 @@ def answer(model: ServedModel, distances, positions, rerank_distances=None):
     if rerank_distances is not None:
         for result, value in zip(results, rerank_distances):
             result["rerank_distance"] = round(float(value), 4)
-    return JSONResponse({"model_version": model.version, "results": results})
+    return Response(orjson.dumps({"model_version": model.version, "results": results}), media_type="application/json")
 
 
 def verify_signature(secret: str, headers, body: bytes) -> None:

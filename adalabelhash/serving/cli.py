@@ -27,8 +27,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--nprobe", type=int, default=32, help="IVF lists visited per query")
     parser.add_argument("--max-upload-mb", type=float, default=10.0)
     parser.add_argument("--max-k", type=int, default=1000)
-    # requests already run in parallel; one intra-op thread each keeps a busy machine from stalling every call
-    parser.add_argument("--ort-threads", type=int, default=1, help="onnxruntime intra-op threads per request (0: its default)")
+    # one intra-op thread per search worker keeps a busy machine from stalling every call
+    parser.add_argument("--max-batch", type=int, default=32, help="most queries answered by one search call")
+    parser.add_argument("--search-workers", type=int, default=1,
+                        help="threads running batched searches (each one ORT + one faiss thread)")
+    parser.add_argument("--ort-threads", type=int, default=1, help="onnxruntime intra-op threads per search call (0: its default)")
 
 
 def run(args: argparse.Namespace) -> None:
@@ -38,6 +41,7 @@ def run(args: argparse.Namespace) -> None:
     from adalabelhash.errors import UserError
     from adalabelhash.params import load_section
     from adalabelhash.serving.app import ApiSettings, create_app
+    from adalabelhash.serving.batcher import Batcher
     from adalabelhash.serving.index import IndexParams
     from adalabelhash.serving.loader import Follower, load_version
     from components.promote import PromoteParams
@@ -46,6 +50,7 @@ def run(args: argparse.Namespace) -> None:
         raise UserError("--poll-seconds and --max-upload-mb must be > 0, --max-k >= 1")
     try:
         index_params = IndexParams(flat_max=args.flat_max, nlist=args.nlist, nprobe=args.nprobe)
+        batcher = Batcher(max_batch=args.max_batch, workers=args.search_workers)
     except ValueError as exc:
         raise UserError(str(exc)) from None
     name = load_section(PromoteParams, "promote", args.params).model_name
@@ -59,4 +64,4 @@ def run(args: argparse.Namespace) -> None:
                            token=os.environ.get(TOKEN_ENV) or None, webhook_secret=os.environ.get(WEBHOOK_SECRET_ENV) or None)
     logging.getLogger("adalabelhash.serve").info("serving %s@%s from %s on http://%s:%d", name, args.alias, uri,
                                                  args.host, args.port)
-    uvicorn.run(create_app(follower, settings), host=args.host, port=args.port, log_level="warning")
+    uvicorn.run(create_app(follower, settings, batcher), host=args.host, port=args.port, log_level="warning")

@@ -1,10 +1,12 @@
 """Hamming k-NN over packed codes with faiss: exact up to a size, IVF above it.
 
 Tie order (documented, stable): nearest first, items at equal distance by database position,
-which is ascending manifest row id. faiss orders ties its own way, so the exact index fetches
-more than k and, when the k-th distance's tie group may continue past what came back, all
-items within that distance (range search), then sorts by (distance, position).
-IVF is approximate: the same order is applied to what it returns.
+which is ascending manifest row id. faiss's k-selection heaps break distance ties by id
+(`CMax::cmp2`), so one scan returns exactly the first k in that order: no over-fetch, no
+second pass (tests/test_serve.py checks it against numpy on codes where every distance ties).
+IVF is approximate: the same order over the lists it visits.
+The order is total, so the first k of a search for k' >= k are the answer for k: a batch of
+queries with different k is one search for the largest.
 """
 
 from __future__ import annotations
@@ -15,6 +17,14 @@ import numpy as np
 
 from adalabelhash.codes import asymmetric_distances
 from adalabelhash.errors import UserError
+
+
+@dataclass(frozen=True)
+class Query:
+    code: np.ndarray  # packed bits, (bits / 8,) uint8
+    k: int
+    real: np.ndarray | None = None  # the tanh outputs (image queries): needed for rerank
+    rerank: int = 0
 
 
 @dataclass(frozen=True)
@@ -66,29 +76,28 @@ class CodeIndex:
         # OpenMP's thread count is per calling thread: set it in the request's own thread, or faiss
         # uses every core per call and, on a busy machine, waits tens of ms for them to be scheduled
         faiss.omp_set_num_threads(self.threads)
-        k = min(k, len(self))
-        fetch = min(len(self), 2 * k + 32)
-        distances, positions = self.index.search(query_codes, fetch)
+        distances, positions = self.index.search(query_codes, min(k, len(self)))
         out = []
-        for row, (d, p) in enumerate(zip(distances, positions)):
-            found = p >= 0
-            d, p = d[found], p[found]
-            if self.exact and len(d) == fetch < len(self) and d[-1] == d[k - 1]:
-                # the k-th distance's tie group may go on past what faiss returned: take all of it
-                _, d, p = self.index.range_search(query_codes[row : row + 1], int(d[k - 1]) + 1)
-            order = np.lexsort((p, d))[:k]
-            out.append((d[order].astype(np.int64), p[order].astype(np.int64)))
+        for d, p in zip(distances, positions):
+            found = p >= 0  # IVF: fewer than k in the visited lists
+            out.append((d[found].astype(np.int64), p[found].astype(np.int64)))
         return out
 
-    def search_reranked(self, query_real: np.ndarray, k: int, rerank: int) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-        """The top max(k, rerank) by Hamming distance, reordered by asymmetric distance of the
-        real-valued query code (ties: Hamming distance, then position); k of them per query:
-        (Hamming distances, positions, asymmetric distances)."""
-        from adalabelhash.codes import pack_codes
-
+    def answer(self, queries: list[Query]) -> list[tuple[np.ndarray, np.ndarray, np.ndarray | None]]:
+        """A batch of queries in one faiss call, for the widest of them; per query: (Hamming
+        distances, positions, asymmetric distances or None) of its k nearest. With `rerank`, the
+        top max(k, rerank) by Hamming distance are reordered by the asymmetric distance of the
+        query's real-valued code (ties: Hamming distance, then position)."""
+        widest = max(max(query.k, query.rerank) for query in queries)
+        found = self.search(np.stack([query.code for query in queries]), widest)
         out = []
-        for real, (d, p) in zip(query_real, self.search(pack_codes(query_real), max(k, rerank))):
-            asym = asymmetric_distances(real[None, :], self.codes[p])[0]
-            order = np.lexsort((p, d, asym))[:k]
+        for query, (d, p) in zip(queries, found):
+            if not query.rerank:
+                out.append((d[: query.k], p[: query.k], None))
+                continue
+            shortlist = max(query.k, query.rerank)
+            d, p = d[:shortlist], p[:shortlist]
+            asym = asymmetric_distances(query.real[None, :], self.codes[p])[0]
+            order = np.lexsort((p, d, asym))[: query.k]
             out.append((d[order], p[order], asym[order]))
         return out

@@ -1,0 +1,103 @@
+"""Concurrent queries answered together: one onnxruntime call for the images waiting, one faiss
+call for every code waiting.
+
+No timer: a worker takes whatever queued up while it was busy (up to `max_batch`), so a lone
+query goes at once and batches grow only under load, where a full scan of the codes per query is
+what saturates the CPU. Each job carries the version it started on; a batch that spans a swap
+is answered per version.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from adalabelhash.codes import pack_codes
+from adalabelhash.serving.index import Query
+
+log = logging.getLogger("adalabelhash.serve")
+
+
+@dataclass
+class Job:
+    model: object  # loader.ServedModel
+    k: int
+    rerank: int = 0
+    pixels: np.ndarray | None = None  # (S, S, 3) uint8: an image query
+    code: np.ndarray | None = None  # packed stored code: an id query
+    future: Future = field(default_factory=Future)
+
+
+class Batcher:
+    def __init__(self, max_batch: int = 32, workers: int = 1, on_batch: Callable[[int], None] = lambda size: None):
+        if max_batch < 1 or workers < 1:
+            raise ValueError("max_batch and workers must be >= 1")
+        self.max_batch, self.on_batch = max_batch, on_batch
+        self._queue: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
+        self._threads = [threading.Thread(target=self._loop, name=f"search-{i}", daemon=True) for i in range(workers)]
+
+    def submit(self, model, k: int, *, pixels: np.ndarray | None = None, code: np.ndarray | None = None,
+               rerank: int = 0) -> Future:
+        """Queue one query; the future gives (Hamming distances, positions, asymmetric distances or None)."""
+        job = Job(model, k, rerank, pixels, code)
+        self._queue.put(job)
+        return job.future
+
+    def start(self) -> None:
+        for thread in self._threads:
+            thread.start()
+
+    def stop(self) -> None:
+        for _ in self._threads:
+            self._queue.put(None)
+        for thread in self._threads:
+            thread.join(timeout=30)
+
+    def run_once(self, block: bool = True) -> int:
+        """Take what is queued (waiting for one job if `block`), answer it; the number of jobs, -1 on stop."""
+        try:
+            first = self._queue.get(block=block)
+        except queue.Empty:
+            return 0
+        if first is None:
+            return -1
+        jobs = [first]
+        while len(jobs) < self.max_batch:
+            try:
+                job = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if job is None:  # stop: put it back for this loop's next turn
+                self._queue.put(None)
+                break
+            jobs.append(job)
+        self.on_batch(len(jobs))
+        for model in {id(job.model): job.model for job in jobs}.values():
+            self._answer([job for job in jobs if job.model is model])
+        return len(jobs)
+
+    def _answer(self, jobs: list[Job]) -> None:
+        try:
+            model = jobs[0].model
+            images = [job for job in jobs if job.pixels is not None]
+            real = dict(zip(map(id, images), model.encode(np.stack([job.pixels for job in images])))) if images else {}
+            queries = [Query(code=pack_codes(real[id(job)][None])[0], k=job.k, real=real[id(job)], rerank=job.rerank)
+                       if job.pixels is not None else Query(code=job.code, k=job.k) for job in jobs]
+            answers = model.index.answer(queries)
+        except Exception as exc:  # answered as an error to these requests only; the worker goes on
+            log.exception("a batch of %d queries failed", len(jobs))
+            for job in jobs:
+                job.future.set_exception(exc)
+            return
+        for job, found in zip(jobs, answers):
+            job.future.set_result(found)
+
+    def _loop(self) -> None:
+        while self.run_once() >= 0:
+            pass
