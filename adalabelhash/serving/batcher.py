@@ -37,7 +37,7 @@ class Job:
 class Batcher:
     def __init__(self, max_batch: int = 32, workers: int = 1, on_batch: Callable[[int], None] = lambda size: None):
         if max_batch < 1 or workers < 1:
-            raise ValueError("max_batch and workers must be >= 1")
+            raise ValueError(f"--max-batch and --search-workers must be >= 1, got {max_batch} and {workers}")
         self.max_batch, self.on_batch = max_batch, on_batch
         self._queue: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
         self._threads = [threading.Thread(target=self._loop, name=f"search-{i}", daemon=True) for i in range(workers)]

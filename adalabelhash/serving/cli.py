@@ -29,8 +29,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-k", type=int, default=1000)
     # one intra-op thread per search worker keeps a busy machine from stalling every call
     parser.add_argument("--max-batch", type=int, default=32, help="most queries answered by one search call")
-    parser.add_argument("--search-workers", type=int, default=1,
-                        help="threads running batched searches (each one ORT + one faiss thread)")
+    # half the cores search; the other half parse HTTP and decode the uploads
+    parser.add_argument("--search-workers", type=int, default=max(1, (os.cpu_count() or 2) // 2),
+                        help="threads running batched searches, each one ORT + one faiss thread (default: half the cores)")
     parser.add_argument("--ort-threads", type=int, default=1, help="onnxruntime intra-op threads per search call (0: its default)")
 
 

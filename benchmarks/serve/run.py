@@ -126,6 +126,15 @@ class Service:
                 raise RuntimeError((work / f"serve-{alias}.log").read_text()[-2000:])
             time.sleep(0.5)
 
+    def batches(self) -> tuple[float, float]:
+        """(queries, search calls) answered so far, from the service's batch-size histogram."""
+        import requests
+
+        text = requests.get(f"{self.url}/metrics", timeout=10).text
+        value = {line.split()[0]: float(line.split()[1]) for line in text.splitlines()
+                 if line.startswith("adalabelhash_batch_size_")}
+        return value.get("adalabelhash_batch_size_sum", 0.0), value.get("adalabelhash_batch_size_count", 0.0)
+
     def stop(self):
         os.killpg(self.proc.pid, signal.SIGTERM)
         self.proc.wait(timeout=60)
@@ -204,8 +213,17 @@ def compare(model, service: Service, database: Database, images: list[bytes], k:
     server = psutil.Process(service.proc.pid)  # the service's own CPU time: the client's is not its cost
     clocks = {"raw": time.process_time, "service": lambda: sum(server.cpu_times()[:2])}
 
+    def measured(side, call, items, clients):
+        if side == "raw":
+            return timed_calls(call, items, clients, clocks[side])
+        before = service.batches()
+        run = timed_calls(call, items, clients, clocks[side])
+        after = service.batches()
+        run["mean_batch"] = round((after[0] - before[0]) / max(1.0, after[1] - before[1]), 2)  # queries per search call
+        return run
+
     def best(side, call, items, clients):  # the machine is shared: keep the fastest of `repeats` runs
-        return max((timed_calls(call, items, clients, clocks[side]) for _ in range(repeats)), key=lambda run: run["qps"])
+        return max((measured(side, call, items, clients) for _ in range(repeats)), key=lambda run: run["qps"])
 
     for clients in (1, 8):
         items = [positions[i % len(positions)] for i in range(requests_per_run)]
