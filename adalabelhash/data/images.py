@@ -10,12 +10,11 @@ import hashlib
 import io
 import os
 from concurrent.futures import ProcessPoolExecutor
-from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from adalabelhash.data.paths import DataRoot
+from adalabelhash.data.paths import DataRoot, read_bytes
 from adalabelhash.errors import UserError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
@@ -66,11 +65,10 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 
 def read_rgb(path: str | os.PathLike) -> Image.Image:
-    """Decode `path` fully and return it upright, as RGB (grayscale, palette, RGBA, CMYK... accepted).
+    """Decode `path` (a file or a URL's object) fully and return it upright, as RGB (grayscale, palette, RGBA, CMYK... accepted).
     Upright: a camera photo's EXIF orientation is applied, so the model sees what a viewer shows."""
-    path = Path(path)
     try:
-        data = path.read_bytes()
+        data = read_bytes(path)
     except OSError as exc:
         raise UserError(f"{path}: cannot read ({exc.strerror or exc})") from None
     return decode_rgb(data, path)
@@ -92,8 +90,7 @@ def image_facts(path: str | os.PathLike, name: str | None = None) -> dict[str, A
     name = name or str(path)
     facts: dict[str, Any] = {**dict.fromkeys(FACT_COLUMNS), "found": False, "decodable": False}
     try:
-        with open(path, "rb") as f:
-            data = f.read()
+        data = read_bytes(path)
     except FileNotFoundError:
         facts["error"] = f"{name}: file not found"
         return facts
