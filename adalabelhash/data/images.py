@@ -124,7 +124,7 @@ def facts_for(root: str, paths: list) -> list[dict[str, Any]]:
         except UserError as exc:
             facts.append({**dict.fromkeys(FACT_COLUMNS), "found": False, "decodable": False, "error": str(exc)})
             continue
-        facts.append(image_facts(full, path))
+        facts.append(image_facts(full, full if data_root.url else path))  # an object is named by its URL
     return facts
 
 

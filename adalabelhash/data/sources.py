@@ -53,7 +53,7 @@ def scan_imagefolder(root: str | Path, sub: str = "", classes: list[str] | tuple
     the list and a listed class without images are errors (both silently shift label columns).
     """
     base = join(root, sub)
-    require_directory(base, "image folder", " (materialise the source with `adalabelhash get-data`)")
+    require_directory(base, "image folder", "" if is_url(root) else " (materialise the source with `adalabelhash get-data`)")
     tree = _UrlTree(root) if is_url(root) else _LocalTree(root)
     dirs = sorted(name for name in tree.folders(sub) if not name.startswith("."))
     if classes is None:
