@@ -228,17 +228,21 @@ def test_the_gate_names_missing_and_corrupt_objects_by_url(s3, tmp_path):
     assert f"{corrupt}: " in failed.value.details and "sha256" in failed.value.details
 
 
-def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+def _cli(*args: str, cwd: Path, **env: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO), **env}
     return subprocess.run([sys.executable, "-m", "adalabelhash.cli", *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=300)
 
 
-def test_a_bucket_that_does_not_exist_is_one_error_line(s3, tmp_path):
-    root = "s3://no-such-bucket/digits"
+def _params_with_root(tmp_path: Path, root: str) -> None:
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["prepare"] = {"source": "imagefolder", "root": root}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+
+
+def test_a_bucket_that_does_not_exist_is_one_error_line(s3, tmp_path):
+    root = "s3://no-such-bucket/digits"
+    _params_with_root(tmp_path, root)
     proc = _cli("prepare", "--params", "params.yaml", "--out", "prepared", cwd=tmp_path)
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr == f"error: {root}: image folder not found (The specified bucket does not exist)\n"
@@ -250,3 +254,15 @@ def test_a_bucket_that_does_not_exist_is_one_error_line(s3, tmp_path):
                 cwd=tmp_path)
     assert proc.returncode == 2
     assert proc.stderr == f"error: {root}: data root not found (The specified bucket does not exist)\n"
+
+
+@pytest.mark.slow
+def test_an_unreachable_store_is_one_error_line(tmp_path):
+    """Nothing listens on the endpoint (botocore retries for ~8 s, then one line, no traceback)."""
+    root = f"s3://{BUCKET}/digits"
+    _params_with_root(tmp_path, root)
+    proc = _cli("prepare", "--params", "params.yaml", "--out", "prepared", cwd=tmp_path, **S3_ENV,
+                FSSPEC_S3_ENDPOINT_URL=f"http://127.0.0.1:{free_port()}")
+    assert proc.returncode == 2
+    assert proc.stderr.startswith(f"error: {root}: cannot read from the object store (EndpointConnectionError: ")
+    assert proc.stderr.count("\n") == 1 and not (tmp_path / "prepared").exists()
