@@ -38,8 +38,8 @@ def prepare_dataset(prepare: dict, data_root: str, data_version: str, dataset: O
     if params.source == "digits":
         root, data_root = embedded_digits(), ""
     elif not data_root:
-        raise UserError(f"prepare.source {params.source} reads the data_root pipeline parameter, a directory "
-                        "mounted in the pod or a bucket URL (s3://...); got ''")
+        raise UserError(f"prepare.source {params.source} reads the data_root pipeline parameter (a directory "
+                        "mounted in the pod or a bucket URL, s3://...), which is empty")
     else:
         require_directory(data_root, "data_root pipeline parameter", " (a directory mounted in the pod or a bucket URL)")
         root = data_root

@@ -65,8 +65,9 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 
 def read_rgb(path: str | os.PathLike) -> Image.Image:
-    """Decode `path` (a file or a URL's object) fully and return it upright, as RGB (grayscale, palette, RGBA, CMYK... accepted).
-    Upright: a camera photo's EXIF orientation is applied, so the model sees what a viewer shows."""
+    """Decode `path` (a file, or an object at a URL) fully and return it upright, as RGB (grayscale,
+    palette, RGBA, CMYK... accepted). Upright: a camera photo's EXIF orientation is applied, so the
+    model sees what a viewer shows."""
     try:
         data = read_bytes(path)
     except OSError as exc:
