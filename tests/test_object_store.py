@@ -228,6 +228,35 @@ def test_the_gate_names_missing_and_corrupt_objects_by_url(s3, tmp_path):
     assert f"{corrupt}: " in failed.value.details and "sha256" in failed.value.details
 
 
+def test_list_files_are_read_from_the_bucket(s3, tmp_path):
+    """source: listfile with the lists and class names next to the images in the bucket."""
+    from components.prepare import PrepareParams, prepare
+
+    fs, url = s3["fs"], f"s3://{BUCKET}/listed"  # its own copy: a lists/ folder is no class of the others
+    fs.copy(f"{BUCKET}/digits", f"{BUCKET}/listed", recursive=True)
+    classes = sorted(p.name for p in s3["local"].iterdir())
+    lines = {split: [] for split in ("train", "query", "database")}
+    for k, name in enumerate(classes):
+        for i, image in enumerate(sorted((s3["local"] / name).iterdir())):
+            line = f"{name}/{image.name} " + " ".join("1" if j == k else "0" for j in range(len(classes)))
+            lines["query" if i < 3 else "train"].append(line)
+            if i >= 3:
+                lines["database"].append(line)
+    for split, text in lines.items():
+        fs.pipe(f"{url[5:]}/lists/{split}.txt", ("\n".join(text) + "\n").encode())
+    fs.pipe(f"{url[5:]}/lists/classes.txt", ("\n".join(f"digit {c}" for c in classes) + "\n").encode())
+
+    def params(**lists):
+        return PrepareParams(source="listfile", root=url, class_names=f"{url}/lists/classes.txt", val_size=20,
+                             list_files={split: f"{url}/lists/{split}.txt" for split in ("train", "query", "database")}
+                             | lists)
+
+    summary = prepare(params(), tmp_path / "prepare")
+    assert summary["images"] == 10 * PER_CLASS and summary["sizes"]["query"] == 30 and summary["classes"] == 10
+    with pytest.raises(UserError, match=f"^{url}/lists/nothing.txt: list file not found$"):
+        prepare(params(train=f"{url}/lists/nothing.txt"), tmp_path / "missing")
+
+
 def _cli(*args: str, cwd: Path, **env: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(REPO), **env}
     return subprocess.run([sys.executable, "-m", "adalabelhash.cli", *args], cwd=cwd, env=env, capture_output=True,
