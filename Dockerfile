@@ -13,7 +13,7 @@ FROM ${BASE_IMAGE}
 LABEL org.opencontainers.image.title="adalabelhash" \
       org.opencontainers.image.description="AdaLabelHash pipeline steps: DVC / Kubeflow / MLflow"
 
-# cpu: onnxruntime; gpu: onnxruntime-gpu (pyproject.toml extras)
+# cpu: onnxruntime; gpu: onnxruntime-gpu (pyproject.toml extras); both get the s3 extra (s3:// data roots)
 ARG DEVICE=cpu
 # Where torch and torchvision come from, and only from there (no silent fallback to another index).
 # auto: PyTorch's CPU wheels (https://download.pytorch.org/whl/cpu) for DEVICE=cpu, PyPI for gpu.
@@ -45,7 +45,8 @@ RUN --mount=type=secret,id=extra_ca \
         TORCH_INDEX=$([ "$DEVICE" = cpu ] && echo https://download.pytorch.org/whl/cpu || true); \
     fi; \
     python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; \
-print('\n'.join(p['dependencies'] + p['optional-dependencies']['$DEVICE']))" > /tmp/requirements.txt; \
+print('\n'.join(p['dependencies'] + p['optional-dependencies']['$DEVICE'] + p['optional-dependencies']['s3']))" \
+        > /tmp/requirements.txt; \
     if [ -n "$TORCH_INDEX" ]; then \
         pip install --retries 2 --timeout 30 --no-deps --index-url "$TORCH_INDEX" -c constraints.txt torch torchvision || \
             { echo "error: torch could not be installed from TORCH_INDEX=$TORCH_INDEX (unreachable?); build with" \

@@ -40,7 +40,7 @@ class ConvertOnnxParams:
             raise ValueError(f"confident_margin must be >= 0, got {self.confident_margin}")
 
 
-def convert_onnx(params: ConvertOnnxParams, model_path: Path, manifest_path: Path, data_root: Path, out_dir: Path) -> dict:
+def convert_onnx(params: ConvertOnnxParams, model_path: Path, manifest_path: Path, data_root: str | Path, out_dir: Path) -> dict:
     import numpy as np
     import onnx
     import torch
@@ -143,7 +143,7 @@ def parity_report(reference, candidate, confident_margin: float) -> dict:
     }
 
 
-def convert_onnx_tracked(params: ConvertOnnxParams, model_dir: Path, manifest_path: Path, data_root: Path,
+def convert_onnx_tracked(params: ConvertOnnxParams, model_dir: Path, manifest_path: Path, data_root: str | Path,
                          codewords_dir: Path, out_dir: Path, upstream, monitor_params=None) -> tuple[dict, "RunRef"]:
     """Convert, then log the parity report and the ONNX model, with its codewords, class names and,
     given `monitor_params`, its reference profile beside it: the model's own data through its own
@@ -173,7 +173,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, type=Path, help="output directory of the train step")
     parser.add_argument("--codewords", required=True, type=Path, help="output directory of export-codewords (MLflow run, codewords)")
     parser.add_argument("--manifest", required=True, type=Path)
-    parser.add_argument("--data-root", required=True, type=Path)
+    parser.add_argument("--data-root", required=True, help="directory or URL (s3://...) the manifest paths are relative to")
     parser.add_argument("--out", required=True, type=Path)
 
 

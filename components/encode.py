@@ -57,7 +57,7 @@ def plan_shards(params: EncodeParams, manifest) -> ShardPlan:
     return ShardPlan(ids, params.shard_size)
 
 
-def encode_shards(params: EncodeParams, onnx_path: Path, manifest_path: Path, data_root: Path, shards_dir: Path,
+def encode_shards(params: EncodeParams, onnx_path: Path, manifest_path: Path, data_root: str | Path, shards_dir: Path,
                   only: Sequence[int] | None = None) -> dict:
     """Encode the shards (all, or `only` these indices) that are not already done; return counts."""
     from tqdm.auto import tqdm
@@ -151,7 +151,7 @@ def merge_shards(params: EncodeParams, onnx_path: Path, manifest_path: Path, sha
     return summary
 
 
-def encode(params: EncodeParams, onnx_path: Path, manifest_path: Path, data_root: Path, shards_dir: Path, out_dir: Path) -> dict:
+def encode(params: EncodeParams, onnx_path: Path, manifest_path: Path, data_root: str | Path, shards_dir: Path, out_dir: Path) -> dict:
     """All shards (resuming finished ones), then the merge: what DVC runs."""
     progress = encode_shards(params, onnx_path, manifest_path, data_root, shards_dir)
     summary = merge_shards(params, onnx_path, manifest_path, [shards_dir], out_dir)
@@ -250,7 +250,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--params", default="params.yaml", help="params file; reads `encode:`")
     parser.add_argument("--onnx", required=True, type=Path, help="model.onnx from convert-onnx")
     parser.add_argument("--manifest", required=True, type=Path)
-    parser.add_argument("--data-root", type=Path, help="directory the manifest paths are relative to")
+    parser.add_argument("--data-root", help="directory or URL (s3://...) the manifest paths are relative to")
     parser.add_argument("--shards-dir", required=True, type=Path, help="finished shards, kept for resuming")
     parser.add_argument("--out", type=Path, help="merged output: codes.npz, database.faiss")
     parser.add_argument("--shard", type=int, action="append", help="encode only this shard index (repeatable); no merge")

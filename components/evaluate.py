@@ -37,7 +37,7 @@ class EvaluateParams:
             raise ValueError("examples must be >= 0, example_k >= 1, pr_points >= 2, rerank >= 0")
 
 
-def evaluate(params: EvaluateParams, encoded_dir: Path, manifest_path: Path, data_root: Path | None, out_dir: Path,
+def evaluate(params: EvaluateParams, encoded_dir: Path, manifest_path: Path, data_root: str | Path | None, out_dir: Path,
              codewords_path: Path | None = None) -> dict:
     """Outputs: metrics.json, pr_radius.csv, pr_at_n.csv (DVC plots), pr.png, examples.png."""
     import numpy as np
@@ -96,7 +96,7 @@ def evaluate(params: EvaluateParams, encoded_dir: Path, manifest_path: Path, dat
         _write_curve(tmp / "pr_at_n.csv", expected["pr_at_n"], ["n", "precision", "recall"])
         plot_curves(expected, tmp / "pr.png")
         if params.examples and data_root is not None:
-            examples_grid(manifest, Path(data_root), q_ids, q_codes, db_ids, db_codes, params, tmp / "examples.png")
+            examples_grid(manifest, data_root, q_ids, q_codes, db_ids, db_codes, params, tmp / "examples.png")
     return metrics
 
 
@@ -146,7 +146,7 @@ def plot_curves(result: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def examples_grid(manifest, data_root: Path, q_ids, q_codes, db_ids, db_codes, params: EvaluateParams, path: Path) -> None:
+def examples_grid(manifest, data_root: str | Path, q_ids, q_codes, db_ids, db_codes, params: EvaluateParams, path: Path) -> None:
     """Rows: a query then its top-k database images; wrong results (no shared label) framed red."""
     import numpy as np
     from PIL import Image, ImageDraw
@@ -176,7 +176,7 @@ def examples_grid(manifest, data_root: Path, q_ids, q_codes, db_ids, db_codes, p
     canvas.save(path)
 
 
-def evaluate_tracked(params: EvaluateParams, encoded_dir: Path, manifest_path: Path, data_root: Path | None,
+def evaluate_tracked(params: EvaluateParams, encoded_dir: Path, manifest_path: Path, data_root: str | Path | None,
                      out_dir: Path, codewords_path: Path | None, upstream) -> tuple[dict, "RunRef"]:
     from adalabelhash import tracking
 
@@ -210,7 +210,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--run", required=True, type=Path, help="mlflow_run.json of the upstream step (or its directory)")
     parser.add_argument("--encoded", required=True, type=Path, help="output directory of the encode step")
     parser.add_argument("--manifest", required=True, type=Path)
-    parser.add_argument("--data-root", type=Path, help="images, for the retrieval-examples grid")
+    parser.add_argument("--data-root", help="images (directory or URL), for the retrieval-examples grid")
     parser.add_argument("--codewords", type=Path, help="codewords.npy from export-codewords: adds query codeword accuracy")
     parser.add_argument("--out", required=True, type=Path)
 

@@ -4,9 +4,9 @@ KFP serialises only each function's body, so every import lives inside it; the b
 the same step functions as `dvc repro`, from the package installed in the image
 (pipelines/config.py). Directories travel as typed artifacts. The prepared `Dataset` holds
 manifest.parquet and its metadata names the data root, never a copy of the images: every step
-that reads images reads them there (`config.image_root`: the data PVC mounted in that step, or
-the embedded digits generated in the pod), and an encode shard reads only its own rows. The MLflow run
-reference travels between steps as a JSON string (RunRef.to_json()). Helpers the bodies share
+that reads images reads them there (`config.image_root`: the data PVC mounted in that step, a
+bucket URL, or the embedded digits generated in the pod), and an encode shard reads only its own
+rows. The MLflow run reference travels between steps as a JSON string (RunRef.to_json()). Helpers the bodies share
 live in pipelines/config.py: at run time kfp.dsl has no `component`, so this module cannot be
 imported there.
 """
@@ -24,12 +24,12 @@ def prepare_dataset(prepare: dict, data_root: str, data_version: str, dataset: O
     """Write manifest.parquet into `dataset`; its metadata names where the images stay.
 
     `digits` is generated in the pod (no external data); other sources are read at `data_root`,
-    a path mounted in the pod (the data PVC), and never copied. `data_version` is an input so
-    that KFP's cache key changes when the data does.
+    a path mounted in the pod (the data PVC) or a bucket URL (`s3://...`), and never copied.
+    `data_version` is an input so that KFP's cache key changes when the data does.
     """
     import dataclasses
-    from pathlib import Path
 
+    from adalabelhash.data.paths import require_directory
     from adalabelhash.errors import UserError
     from components.prepare import prepare as build_manifest
     from pipelines.config import embedded_digits, section
@@ -37,10 +37,11 @@ def prepare_dataset(prepare: dict, data_root: str, data_version: str, dataset: O
     params = section("prepare", prepare)
     if params.source == "digits":
         root, data_root = embedded_digits(), ""
-    elif not data_root or not Path(data_root).is_dir():
-        raise UserError(f"prepare.source {params.source} reads the data_root pipeline parameter, a directory "
-                        f"mounted in the pod; got {data_root!r}")
+    elif not data_root:
+        raise UserError(f"prepare.source {params.source} reads the data_root pipeline parameter (a directory "
+                        "mounted in the pod or a bucket URL, s3://...), which is empty")
     else:
+        require_directory(data_root, "data_root pipeline parameter", " (a directory mounted in the pod or a bucket URL)")
         root = data_root
     summary = build_manifest(dataclasses.replace(params, root=root), dataset.path)
     dataset.metadata.update({"source": params.source, "images": summary["images"], "classes": summary["classes"],
@@ -105,7 +106,7 @@ def train_model(prepare: dict, validate: dict, train: dict, mlflow: dict, datase
 
     sections = {"prepare": prepare, "validate": validate, "train": train, "mlflow": mlflow}
     all_params = {name: dataclasses.asdict(section(name, values)) for name, values in sections.items()}
-    summary, ref = train_tracked(all_params, Path(dataset.path) / MANIFEST_NAME, Path(image_root(dataset.metadata)),
+    summary, ref = train_tracked(all_params, Path(dataset.path) / MANIFEST_NAME, image_root(dataset.metadata),
                                  Path(validation.path), Path(model.path),
                                  checkpoint_dir=Path(checkpoint_dir) if checkpoint_dir else None, source="kfp")
     if dataset.metadata.get("data_version"):
@@ -151,7 +152,7 @@ def convert_onnx(convert_onnx: dict, monitor: dict, model: Input[Model], dataset
     from pipelines.config import image_root, section
 
     report, ref = convert_onnx_tracked(section("convert_onnx", convert_onnx), Path(model.path),
-                                       Path(dataset.path) / MANIFEST_NAME, Path(image_root(dataset.metadata)),
+                                       Path(dataset.path) / MANIFEST_NAME, image_root(dataset.metadata),
                                        Path(codewords.path), Path(onnx_model.path), RunRef.from_json(run),
                                        section("monitor", monitor))
     onnx_model.metadata.update({"framework": "onnx", "mlflow_model_uri": ref.model_uri,
@@ -174,7 +175,7 @@ def score_champion(promote: dict, encode: dict, evaluate: dict, mlflow: dict, da
     found, note, uri = resolve_tracked(promote_params, section("mlflow", mlflow))
     print(f"score-champion: {note}")
     result = score(section("encode", encode), section("evaluate", evaluate), found, Path(dataset.path) / MANIFEST_NAME,
-                   Path(image_root(dataset.metadata)), Path(champion.path), uri, promote_params.metric)
+                   image_root(dataset.metadata), Path(champion.path), uri, promote_params.metric)
     champion.metadata.update({"version": result["version"] or "", "value": result["value"] or 0.0})
 
 
@@ -193,7 +194,7 @@ def monitor_data(monitor: dict, dataset: Input[Dataset], champion: Input[Artifac
     from pipelines.config import image_root, section
 
     result = monitor_champion(section("monitor", monitor), Path(champion.path), Path(dataset.path) / MANIFEST_NAME,
-                              Path(image_root(dataset.metadata)), Path(drift.path), force=force_retrain)
+                              image_root(dataset.metadata), Path(drift.path), force=force_retrain)
     print(summary_line(result, Path(drift.path)))
     shutil.copyfile(Path(drift.path) / REPORT_NAME, report.path)
     drift.metadata.update({"retrain": result["retrain"], "trigger_reason": result["trigger_reason"],
@@ -225,7 +226,7 @@ def encode_shard(encode: dict, onnx_model: Input[Model], dataset: Input[Dataset]
     from pipelines.config import image_root, section
 
     encode_shards(section("encode", encode), Path(onnx_model.path) / "model.onnx", Path(dataset.path) / MANIFEST_NAME,
-                  Path(image_root(dataset.metadata)), Path(shards.path), only=[int(shard)])
+                  image_root(dataset.metadata), Path(shards.path), only=[int(shard)])
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
@@ -257,7 +258,7 @@ def evaluate_retrieval(evaluate: dict, encoded: Input[Dataset], dataset: Input[D
     from pipelines.config import image_root, section
 
     result, ref = evaluate_tracked(section("evaluate", evaluate), Path(encoded.path), Path(dataset.path) / MANIFEST_NAME,
-                                   Path(image_root(dataset.metadata)), Path(evaluation.path), Path(codewords.path) / "codewords.npy",
+                                   image_root(dataset.metadata), Path(evaluation.path), Path(codewords.path) / "codewords.npy",
                                    RunRef.from_json(run))
     for key, value in result.items():
         if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "stable_seed":

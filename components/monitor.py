@@ -88,11 +88,13 @@ def profile(params: MonitorParams, manifest_path: str | Path, data_root: str | P
     the encoder's tanh outputs code_0..code_{K-1}.
     """
     from adalabelhash.data.manifest import SPLITS, Manifest
+    from adalabelhash.data.paths import require_directory
 
     manifest = Manifest.load(manifest_path)
     root = data_root if data_root is not None else manifest.info.get("root")
-    if not root or not Path(root).is_dir():
-        raise UserError(f"{root or manifest_path}: data root is not a directory (pass --data-root)")
+    if not root:
+        raise UserError(f"{manifest_path}: no data root recorded (pass --data-root)")
+    require_directory(root, "data root", " (pass --data-root)")
     if not len(manifest):
         raise UserError(f"{manifest_path}: the manifest has no images to profile")
     frame = manifest.frame
@@ -722,7 +724,7 @@ def monitor_champion(params: MonitorParams, champion_dir: str | Path, manifest_p
     return drift
 
 
-def monitor_tracked(params: MonitorParams, champion_dir: Path, manifest_path: Path, data_root: Path | None,
+def monitor_tracked(params: MonitorParams, champion_dir: Path, manifest_path: Path, data_root: str | Path | None,
                     out_dir: Path, upstream=None, force: bool = False) -> dict:
     """monitor_champion(), its report and verdict logged to the pipeline's MLflow run when there is one."""
     from adalabelhash import tracking
@@ -749,7 +751,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--run", type=Path, help="with --champion: mlflow_run.json to log the report to")
     parser.add_argument("--reference", type=Path, help="or explicitly: profile.parquet of the champion's own data")
     parser.add_argument("--manifest", required=True, type=Path, help="the new dataset version's manifest.parquet")
-    parser.add_argument("--data-root", type=Path, help="directory the manifest paths are relative to "
+    parser.add_argument("--data-root", help="directory or URL (s3://...) the manifest paths are relative to "
                         "(default: the root recorded in the manifest)")
     parser.add_argument("--onnx", type=Path, help="the champion's model.onnx: compare its codes too")
     parser.add_argument("--codewords", type=Path, help="the champion's codewords.npy (export-codewords)")

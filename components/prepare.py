@@ -78,30 +78,35 @@ def build_draft(params: PrepareParams) -> "Draft":
 def _require_under_root(params: PrepareParams) -> None:
     """List files live under the data root: `dvc repro` then reruns prepare when one changes
     (the root is the stage's dependency), and a cluster finds them where it finds the images."""
+    from adalabelhash.data.paths import is_url
     from adalabelhash.errors import UserError
 
-    root = Path(params.root).resolve()
+    url = is_url(params.root)
+    root = params.root.rstrip("/") if url else Path(params.root).resolve()
     for name in [*params.list_files.values(), *([params.class_names] if params.class_names else [])]:
-        if not Path(name).resolve().is_relative_to(root):
+        if url:  # lexically: an object store has no symlinks; `..` is refused, not normalised away
+            inside = name.startswith(root + "/") and ".." not in name[len(root) + 1:].split("/")
+        else:
+            inside = not is_url(name) and Path(name).resolve().is_relative_to(root)
+        if not inside:
             raise UserError(f"{name}: list files must be under prepare.root ({params.root}), where DVC tracks "
                             f"them as the prepare stage's dependency")
 
 
 def hash_files(root: str, paths: list[str]) -> list[tuple[str | None, str | None]]:
     """(hex digest, None) or (None, why not) per path: every unreadable file is reported, not just the first."""
-    from adalabelhash.data.paths import DataRoot
+    from adalabelhash.data.paths import DataRoot, join, read_bytes
     from adalabelhash.errors import UserError
 
     data_root = DataRoot(root)
     hashed = []
     for path in paths:
         try:
-            with open(data_root.resolve(path), "rb") as f:
-                hashed.append((hashlib.sha256(f.read()).hexdigest(), None))
+            hashed.append((hashlib.sha256(read_bytes(data_root.resolve(path))).hexdigest(), None))
         except UserError as exc:
             hashed.append((None, str(exc)))
         except OSError as exc:
-            hashed.append((None, f"{Path(root) / path}: cannot read ({exc.strerror or exc})"))
+            hashed.append((None, f"{join(root, path)}: cannot read ({exc.strerror or exc})"))
     return hashed
 
 

@@ -65,7 +65,7 @@ def resolve_tracked(params: PromoteParams, mlflow_params, own_model_uri: str | N
 
 
 def score(encode_params: EncodeParams, evaluate_params: EvaluateParams, champion: dict, manifest_path: Path,
-          data_root: Path, out_dir: Path, tracking_uri: str, metric: str = "mAP") -> dict:
+          data_root: str | Path, out_dir: Path, tracking_uri: str, metric: str = "mAP") -> dict:
     """Encode this run's queries and database with the champion's encoder and evaluate them.
 
     Writes score.json (and the champion's model files, which the monitor step reads) atomically:
@@ -142,7 +142,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--run", type=Path, help="with --resolve: mlflow_run.json of convert-onnx (this run's own model)")
     parser.add_argument("--champion", type=Path, help="champion.json of --resolve (default: resolve now)")
     parser.add_argument("--manifest", type=Path)
-    parser.add_argument("--data-root", type=Path)
+    parser.add_argument("--data-root", help="directory or URL (s3://...) the manifest paths are relative to")
     parser.add_argument("--out", required=True, type=Path)
 
 

@@ -22,7 +22,7 @@ TrainParams = TrainConfig  # params.yaml `train:` is the core training config, u
 def train(
     params: TrainConfig,
     manifest_path: Path,
-    data_root: Path,
+    data_root: str | Path,
     out_dir: Path,
     checkpoint_dir: Path | None = None,
     resume: bool = True,
@@ -129,7 +129,7 @@ def plot_curves(history: list[dict], path: Path) -> None:
 TRACKED_SECTIONS = ("prepare", "validate", "train", "mlflow")  # what defines the model; later steps log their own
 
 
-def train_tracked(all_params: dict, manifest_path: Path, data_root: Path, validation_dir: Path, out_dir: Path,
+def train_tracked(all_params: dict, manifest_path: Path, data_root: str | Path, validation_dir: Path, out_dir: Path,
                   checkpoint_dir: Path | None = None, resume: bool = True, cache_dir: Path | None = None,
                   source: str = "dvc") -> tuple[dict, "RunRef"]:
     """`train` inside the pipeline: refuse data that failed the gate, start the MLflow run, log to it.
@@ -206,7 +206,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--params", default="params.yaml", help="params file; reads `train:` (and `mlflow:`)")
     parser.add_argument("--manifest", required=True, type=Path)
     parser.add_argument("--validation", required=True, type=Path, help="output of the validate step (the gate must have passed)")
-    parser.add_argument("--data-root", required=True, type=Path, help="directory the manifest paths are relative to")
+    parser.add_argument("--data-root", required=True, help="directory or URL (s3://...) the manifest paths are relative to")
     parser.add_argument("--out", required=True, type=Path, help="output directory (model.pt, history.csv, ...)")
     parser.add_argument("--checkpoints", type=Path, help="per-epoch checkpoints, kept across runs for resuming")
     parser.add_argument("--no-resume", action="store_true", help="ignore existing checkpoints")

@@ -49,6 +49,7 @@ def validate(params: ValidateParams, manifest_path: str | Path, out_dir: str | P
              data_root: str | Path | None = None) -> dict[str, Any]:
     """Check `manifest_path` and the files under `data_root` (default: the root recorded by prepare)."""
     from adalabelhash.data.manifest import Manifest
+    from adalabelhash.data.paths import require_directory
     from adalabelhash.data.validation import DOCS_NAME, REPORT_NAME, check_dataset
     from adalabelhash.fileio import write_json, write_text
 
@@ -56,8 +57,7 @@ def validate(params: ValidateParams, manifest_path: str | Path, out_dir: str | P
     root = data_root if data_root is not None else manifest.info.get("root")
     if not root:
         raise UserError(f"{manifest_path}: no data root recorded; pass --data-root")
-    if not Path(root).is_dir():
-        raise UserError(f"{root}: data root is not a directory")
+    require_directory(root, "data root")
     outcome = check_dataset(manifest, root, min_side=params.min_side, max_side=params.max_side,
                             max_bytes=params.max_bytes, size_mostly=params.size_mostly,
                             workers=params.workers, max_examples=params.max_examples)
@@ -80,7 +80,7 @@ def validate(params: ValidateParams, manifest_path: str | Path, out_dir: str | P
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--params", default="params.yaml", help="params file (section 'validate')")
     parser.add_argument("--manifest", required=True, help="manifest.parquet written by `adalabelhash prepare`")
-    parser.add_argument("--data-root", help="directory the manifest paths are relative to "
+    parser.add_argument("--data-root", help="directory or URL (s3://...) the manifest paths are relative to "
                         "(default: the root recorded in the manifest)")
     parser.add_argument("--out", required=True, help="output directory for validation.json and data_docs.html")
 

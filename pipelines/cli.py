@@ -31,7 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     values.add_argument("-S", "--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override a params.yaml value for this run (repeatable), e.g. -S train.epochs=20")
     values.add_argument("--data-root", help="raw images of a non-digits source, as a path the pods see "
-                        "(on a cluster: under /mnt/data, the kfp.data_pvc mount)")
+                        "(on a cluster: under /mnt/data, the kfp.data_pvc mount) or a bucket URL (s3://bucket/dir)")
     values.add_argument("--data-version", help="dataset version in the cache key (default: data.dvc's md5)")
     values.add_argument("--force-retrain", action="store_true", help="train even when the drift report finds "
                         "nothing new (trigger_reason: forced)")
@@ -95,6 +95,7 @@ def apply_overrides(params: dict, overrides: list[str]) -> dict:
 
 def pipeline_arguments(args: argparse.Namespace, params: dict, remote: bool) -> dict:
     """The run's parameter values: every section of `params` (+ overrides), data root and version."""
+    from adalabelhash.data.paths import is_url
     from adalabelhash.tracking import data_dvc_md5
     from pipelines.pipeline import REPO, defaults
 
@@ -102,11 +103,12 @@ def pipeline_arguments(args: argparse.Namespace, params: dict, remote: bool) -> 
     arguments = defaults(params)
     prepare, mlflow = arguments["prepare"], arguments["mlflow"]
     data_root = args.data_root
-    if not remote:  # the local tasks see this machine's files
-        data_root = str((Path(data_root) if data_root else REPO / prepare.get("root", "data/digits")).resolve())
+    if not remote:  # the local tasks see this machine's files; a URL is read where it is
+        root = data_root or prepare.get("root", "data/digits")
+        data_root = root if is_url(root) else str((Path(data_root) if data_root else REPO / root).resolve())
     if prepare.get("source", "digits") != "digits" and not data_root:
         raise UserError(f"prepare.source {prepare['source']} needs --data-root: the raw images as the pods see "
-                        "them (mount them with params.yaml kfp.data_pvc)")
+                        "them (mounted with params.yaml kfp.data_pvc, or a bucket URL such as s3://bucket/images)")
     if remote and mlflow.get("enabled", True) and not mlflow.get("tracking_uri"):
         raise UserError("mlflow.tracking_uri is null: every step runs in its own pod and needs a shared tracking "
                         "server; pass -S mlflow.tracking_uri=http://<mlflow-service>:5000")

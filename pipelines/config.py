@@ -83,8 +83,9 @@ def image_root(dataset_metadata: dict) -> str:
     """Where the images of a prepared `dataset` artifact are read, for a step that reads them.
 
     The artifact holds the manifest, never the images: a non-digits source is read at the data
-    root it was prepared from (the data PVC, mounted in every step that reads images); the
-    embedded digits are generated here (deterministic: the manifest's hashes still match).
+    root it was prepared from (the data PVC, mounted in every step that reads images, or a bucket
+    URL, kept as the string it is); the embedded digits are generated here (deterministic: the
+    manifest's hashes still match).
     """
     if dataset_metadata.get("data_root"):
         return dataset_metadata["data_root"]

@@ -34,9 +34,11 @@ DATA_MOUNT = "/mnt/data"  # where kfp.data_pvc is mounted in every pod that read
 CHECKPOINT_MOUNT = "/mnt/checkpoints"  # where kfp.checkpoints_pvc is mounted in the train pod
 TOLERATION_KEYS = {"key", "operator", "value", "effect", "toleration_seconds"}
 # What an MLflow client may need in a pod: a server token, and the artifact store's keys when
-# artifacts are not proxied through the server.
+# artifacts are not proxied through the server; the same keys (+ session token, region and an
+# S3-compatible endpoint) let the steps read an s3:// data root.
 MLFLOW_SECRET_KEYS = ("MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD",
-                      "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "MLFLOW_S3_ENDPOINT_URL")
+                      "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "MLFLOW_S3_ENDPOINT_URL",
+                      "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "FSSPEC_S3_ENDPOINT_URL")
 
 
 @dataclass(frozen=True)
@@ -90,7 +92,10 @@ def build_pipeline(params: dict):
         if reads_images and settings.data_pvc:  # images are read where they are, never copied into artifacts
             kubernetes.mount_pvc(task, settings.data_pvc, DATA_MOUNT)
         if settings.mlflow_secret:  # every step may log to MLflow
-            kubernetes.use_secret_as_env(task, settings.mlflow_secret, {k: k for k in settings.mlflow_secret_keys})
+            # optional: a key the secret does not hold (a token where there is a password, no
+            # session token) leaves its variable unset instead of keeping the pod from starting
+            kubernetes.use_secret_as_env(task, settings.mlflow_secret, {k: k for k in settings.mlflow_secret_keys},
+                                         optional=True)
         if retry and settings.retries:
             task.set_retry(settings.retries, backoff_duration=settings.retry_backoff, backoff_factor=2.0,
                            backoff_max_duration="3600s")

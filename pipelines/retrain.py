@@ -31,7 +31,7 @@ def retrain(params_path: Path, out_dir: Path, if_drift: bool, force: bool) -> di
     monitor_params = load_section(MonitorParams, "monitor", params_path)
     promote_params = load_section(PromoteParams, "promote", params_path)
     mlflow_params = load_section(tracking.MlflowParams, "mlflow", params_path)
-    root = Path(str((params.get("prepare") or {}).get("root", "data/digits")))
+    root = str((params.get("prepare") or {}).get("root", "data/digits"))  # a directory or a URL, never a Path
     _dvc(["repro", "validate"])
     manifest = Path("build/prepare/manifest.parquet")
     champion, note, uri = resolve_tracked(promote_params, mlflow_params)

@@ -130,6 +130,7 @@ def test_deployment_settings_reach_the_compiled_spec(tmp_path):
         assert k8s[executor]["secretAsEnv"][0]["secretName"] == "mlflow-creds"
         assert k8s[executor]["secretAsEnv"][0]["keyToEnv"] == [{"secretKey": "MLFLOW_TRACKING_TOKEN",
                                                                 "envVar": "MLFLOW_TRACKING_TOKEN"}]
+        assert k8s[executor]["secretAsEnv"][0]["optional"] is True  # a key the secret lacks stays unset
     branch = spec["components"]["comp-condition-2"]["dag"]["tasks"]
     assert branch["for-loop-3"]["iteratorPolicy"] == {"parallelismLimit": 3}
     assert branch["train-model"]["retryPolicy"]["maxRetryCount"] == 1

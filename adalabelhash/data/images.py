@@ -10,12 +10,11 @@ import hashlib
 import io
 import os
 from concurrent.futures import ProcessPoolExecutor
-from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from adalabelhash.data.paths import DataRoot
+from adalabelhash.data.paths import DataRoot, read_bytes
 from adalabelhash.errors import UserError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
@@ -66,11 +65,11 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 
 def read_rgb(path: str | os.PathLike) -> Image.Image:
-    """Decode `path` fully and return it upright, as RGB (grayscale, palette, RGBA, CMYK... accepted).
-    Upright: a camera photo's EXIF orientation is applied, so the model sees what a viewer shows."""
-    path = Path(path)
+    """Decode `path` (a file, or an object at a URL) fully and return it upright, as RGB (grayscale,
+    palette, RGBA, CMYK... accepted). Upright: a camera photo's EXIF orientation is applied, so the
+    model sees what a viewer shows."""
     try:
-        data = path.read_bytes()
+        data = read_bytes(path)
     except OSError as exc:
         raise UserError(f"{path}: cannot read ({exc.strerror or exc})") from None
     return decode_rgb(data, path)
@@ -92,8 +91,7 @@ def image_facts(path: str | os.PathLike, name: str | None = None) -> dict[str, A
     name = name or str(path)
     facts: dict[str, Any] = {**dict.fromkeys(FACT_COLUMNS), "found": False, "decodable": False}
     try:
-        with open(path, "rb") as f:
-            data = f.read()
+        data = read_bytes(path)
     except FileNotFoundError:
         facts["error"] = f"{name}: file not found"
         return facts
@@ -127,7 +125,7 @@ def facts_for(root: str, paths: list) -> list[dict[str, Any]]:
         except UserError as exc:
             facts.append({**dict.fromkeys(FACT_COLUMNS), "found": False, "decodable": False, "error": str(exc)})
             continue
-        facts.append(image_facts(full, path))
+        facts.append(image_facts(full, full if data_root.url else path))  # an object is named by its URL
     return facts
 
 

@@ -105,7 +105,8 @@ class Manifest:
         return values
 
     def files(self, root: str | os.PathLike, mask_or_split: str | np.ndarray | None = None) -> list[str]:
-        """Real paths of the rows' files under `root`; a path resolving outside it is a UserError."""
+        """Real paths of the rows' files under `root` (URLs under a URL root); a path resolving
+        outside it is a UserError."""
         data_root = DataRoot(root)
         return [data_root.resolve(path) for path in self._select("path", mask_or_split)]
 

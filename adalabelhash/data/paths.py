@@ -1,14 +1,86 @@
 """Manifest paths: relative POSIX paths that may not leave the data root.
 
-Standard library only, so that worker processes of the file passes start fast.
+A data root is a local directory or a URL (`s3://bucket/prefix`, `gs://...`: any fsspec URL),
+kept as a string throughout (`Path` would turn `s3://b` into `s3:/b`). Standard library only,
+fsspec is imported when a URL is read, so that worker processes of the file passes start fast.
 """
 
 from __future__ import annotations
 
 import os
 import posixpath
+import re
 
 from adalabelhash.errors import UserError
+
+
+_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def is_url(root: str | os.PathLike) -> bool:
+    """Whether `root` is an fsspec URL (`scheme://...`) rather than a local path."""
+    return isinstance(root, str) and _URL.match(root) is not None
+
+
+def join(root: str | os.PathLike, *parts: str) -> str:
+    """`root/part/...` for a local root or a URL; empty parts are skipped."""
+    parts = [part for part in parts if part]
+    if is_url(root):
+        return "/".join([root.rstrip("/"), *parts])
+    return os.path.join(root, *parts)
+
+
+def url_filesystem(url: str):
+    """(fsspec filesystem, its path) for `url`; a scheme with no driver installed is a UserError."""
+    from fsspec.core import url_to_fs
+
+    try:
+        return url_to_fs(url)
+    except (ImportError, ValueError) as exc:  # "Please install gcsfs...", "Protocol not known: foo"
+        raise UserError(f"{url}: cannot open this URL ({exc})") from None
+
+
+def _store_error(url: str, exc: Exception) -> UserError:
+    """A store's own failure (unreachable endpoint, refused credentials) as one line naming `url`."""
+    return UserError(f"{url}: cannot read from the object store ({type(exc).__name__}: {exc})")
+
+
+def read_bytes(path: str | os.PathLike) -> bytes:
+    """The whole content of a local file (plain `open`) or of the object at a URL (fsspec).
+
+    A missing file or object raises FileNotFoundError and any other unreadable one OSError, as
+    `open` does; a store that cannot be reached at all (or a scheme with no driver) is a UserError.
+    """
+    if not is_url(path):
+        with open(path, "rb") as f:
+            return f.read()
+    fs, fs_path = url_filesystem(path)
+    try:
+        return fs.cat_file(fs_path)  # one GET, no separate HEAD
+    except OSError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - botocore, aiohttp, google-auth... raise their own types
+        raise _store_error(path, exc) from None
+
+
+def require_directory(path: str | os.PathLike, what: str, hint: str = "") -> None:
+    """UserError naming `path` (the `what`) unless it is a local directory, or a URL with objects under it."""
+    if not is_url(path):
+        if not os.path.isdir(path):
+            raise UserError(f"{path}: {what} is not a directory{hint}")
+        return
+    fs, fs_path = url_filesystem(path)
+    try:
+        kind = fs.info(fs_path)["type"]
+    except FileNotFoundError as exc:  # s3fs: "The specified bucket does not exist", or just the path
+        reason = str(exc) if str(exc).strip("/") not in ("", fs_path.strip("/")) else "no objects under it"
+        raise UserError(f"{path}: {what} not found ({reason}){hint}") from None
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read the {what} ({exc}){hint}") from None
+    except Exception as exc:  # noqa: BLE001 - see read_bytes
+        raise _store_error(path, exc) from None
+    if kind != "directory":
+        raise UserError(f"{path}: {what} is a single object, not a folder{hint}")
 
 
 def check_relative_path(path: str, where: str) -> str:
@@ -33,15 +105,19 @@ class DataRoot:
     and refused when their target lies outside the root. Each folder is resolved once per
     DataRoot, so checking N files in D folders costs D `realpath` calls and N `lstat`s (the
     per-file `Path.resolve()` this replaces cost as much as decoding a CIFAR JPEG).
+    A URL root has no symlinks: its paths are checked lexically and appended to it.
     """
 
     def __init__(self, root: str | os.PathLike):
-        self.root = os.fspath(root)
-        self.real = os.path.realpath(root)
+        self.url = is_url(root)
+        self.root = root.rstrip("/") if self.url else os.fspath(root)
+        self.real = self.root if self.url else os.path.realpath(root)
         self._folders: dict[str, str] = {}
 
     def resolve(self, path: str) -> str:
         check_relative_path(path, self.root)
+        if self.url:
+            return f"{self.root}/{path}"
         folder, name = posixpath.split(path)
         real_folder = self._folders.get(folder)
         if real_folder is None:

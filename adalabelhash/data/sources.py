@@ -12,6 +12,7 @@ can compare the two) and provenance. Rules shared by all sources:
 
 from __future__ import annotations
 
+import posixpath
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +23,7 @@ import pandas as pd
 
 from adalabelhash.data.images import IMAGE_EXTENSIONS
 from adalabelhash.data.manifest import SPLITS
-from adalabelhash.data.paths import check_relative_path
+from adalabelhash.data.paths import check_relative_path, is_url, join, read_bytes, require_directory, url_filesystem
 from adalabelhash.errors import UserError
 
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
@@ -47,31 +48,63 @@ def scan_imagefolder(root: str | Path, sub: str = "", classes: list[str] | tuple
                      ) -> dict[str, list[str]]:
     """{class: sorted image paths relative to `root`} for `root/sub/<class>/**/<image>`.
 
+    `root` is a directory or a URL (listed with its fsspec filesystem, by the same rules).
     Without `classes` the class list is the sorted directory names; with it, a directory not in
     the list and a listed class without images are errors (both silently shift label columns).
     """
-    root = Path(root)
-    base = root / sub
-    if not base.is_dir():
-        raise UserError(f"{base}: not a directory (materialise the source with `adalabelhash get-data`)")
-    dirs = sorted(d.name for d in base.iterdir() if d.is_dir() and not d.name.startswith("."))
+    base = join(root, sub)
+    require_directory(base, "image folder", "" if is_url(root) else " (materialise the source with `adalabelhash get-data`)")
+    tree = _UrlTree(root) if is_url(root) else _LocalTree(root)
+    dirs = sorted(name for name in tree.folders(sub) if not name.startswith("."))
     if classes is None:
         classes = dirs
     unknown = [d for d in dirs if d not in classes]
     if unknown:
-        raise UserError(f"{base / unknown[0]}: class directory '{unknown[0]}' is not in the class list "
+        raise UserError(f"{join(base, unknown[0])}: class directory '{unknown[0]}' is not in the class list "
                         f"({', '.join(classes)})")
     if not classes:
         raise UserError(f"{base}: no class directories (expected {base}/<class>/<image>)")
     found = {}
     for name in classes:
-        folder = base / name
-        files = sorted(p.relative_to(root).as_posix() for p in folder.rglob("*")
-                       if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".") and p.is_file())
+        files = sorted(path for path in tree.files(posixpath.join(sub, name))
+                       if posixpath.splitext(path)[1].lower() in IMAGE_EXTENSIONS
+                       and not posixpath.basename(path).startswith("."))
         if not files:
-            raise UserError(f"{folder}: class '{name}' has no images ({'/'.join(IMAGE_EXTENSIONS)})")
+            raise UserError(f"{join(base, name)}: class '{name}' has no images ({'/'.join(IMAGE_EXTENSIONS)})")
         found[name] = files
     return found
+
+
+class _LocalTree:
+    """Folder names and files (POSIX paths relative to the root, recursively) of a local tree."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+
+    def folders(self, sub: str) -> list[str]:
+        return [d.name for d in (self.root / sub).iterdir() if d.is_dir()]
+
+    def files(self, sub: str) -> list[str]:
+        return [p.relative_to(self.root).as_posix() for p in (self.root / sub).rglob("*") if p.is_file()]
+
+
+class _UrlTree:
+    """The same listing under a URL, through its fsspec filesystem (prefixes are its folders)."""
+
+    def __init__(self, root: str):
+        self.fs, self.path = url_filesystem(root)
+        self.path = self.path.rstrip("/")
+
+    def folders(self, sub: str) -> list[str]:
+        return [posixpath.basename(entry["name"].rstrip("/"))
+                for entry in self.fs.ls(posixpath.join(self.path, sub), detail=True) if entry["type"] == "directory"]
+
+    def files(self, sub: str) -> list[str]:
+        try:
+            found = self.fs.find(posixpath.join(self.path, sub))
+        except FileNotFoundError:
+            return []
+        return [name[len(self.path) + 1:] for name in found]
 
 
 def _class_rng(seed: int, name: str) -> np.random.Generator:
@@ -168,16 +201,25 @@ def cifar10_split(train: dict[str, list[str]], test: dict[str, list[str]], proto
     return Draft(_frame(rows), list(CIFAR10_CLASSES), expected, info)
 
 
+def _read_text(path: str | Path, what: str) -> str:
+    """A small text file, local or at a URL; missing or unreadable is one error naming it."""
+    try:
+        return read_bytes(path).decode()
+    except FileNotFoundError:
+        raise UserError(f"{path}: {what} not found") from None
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read the {what} ({exc.strerror or exc})") from None
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{path}: {what} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+
+
 def read_list_file(path: str | Path, width: int | None) -> list[tuple[str, str, int]]:
     """DeepHash-pytorch list lines `relative/path.jpg 0 1 0 ...` -> (path, label string, line number).
 
+    `path` is a local file or a URL (next to the images in a bucket).
     `width` None takes the width from the first line; every line must then agree.
     """
-    path = Path(path)
-    try:
-        lines = path.read_text().splitlines()
-    except FileNotFoundError:
-        raise UserError(f"{path}: list file not found") from None
+    lines = _read_text(path, "list file").splitlines()
     entries = []
     for number, line in enumerate(lines, 1):
         parts = line.split()
@@ -210,10 +252,7 @@ def listfile_draft(list_files: dict[str, str], class_names: str | None, seed: in
     """
     classes = None
     if class_names:
-        try:
-            classes = [line.strip() for line in Path(class_names).read_text().splitlines() if line.strip()]
-        except FileNotFoundError:
-            raise UserError(f"{class_names}: class names file not found") from None
+        classes = [line.strip() for line in _read_text(class_names, "class names file").splitlines() if line.strip()]
     width = len(classes) if classes else None
     rows: dict[str, dict[str, Any]] = {}
     counts, dropped = {}, {}

@@ -1,0 +1,314 @@
+"""Data roots in an object store (`s3://...`), read through fsspec from a real S3-protocol server
+(moto's, on loopback): the same manifest, gate and codes as from the local copy of the images."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from adalabelhash.data.paths import DataRoot, is_url
+from adalabelhash.errors import UserError
+from tests.conftest import REPO, free_port
+
+BUCKET = "adalabelhash-data"
+PER_CLASS = 30  # images per digit uploaded: 300 objects keep every pass over the bucket short
+S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+# --- without a store: URLs are not paths ------------------------------------------------------
+
+def _data_root_actions(parser: argparse.ArgumentParser):
+    """(parser, action) for every --data-root option of `parser` and of its subcommands."""
+    for action in parser._actions:
+        if "--data-root" in action.option_strings:
+            yield parser, action
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                yield from _data_root_actions(sub)
+
+
+def test_a_url_data_root_survives_every_cli_parser():
+    from adalabelhash.cli import COMMANDS
+
+    url = "s3://bucket/some/images"
+    seen = []
+    for command, (module_name, _) in COMMANDS.items():
+        parser = argparse.ArgumentParser(prog=command)
+        importlib.import_module(module_name).add_arguments(parser)
+        for owner, action in _data_root_actions(parser):
+            assert owner._get_value(action, url) == url, f"{command} {owner.prog}: --data-root mangles {url}"
+            seen.append(owner.prog)
+    # every step that reads images takes one (kfp: run-local, submit, schedule)
+    assert {"validate", "train", "convert-onnx", "encode", "evaluate", "score-champion", "monitor"} <= set(seen)
+    assert sum(prog.startswith("kfp ") for prog in seen) == 3
+
+
+def test_kfp_passes_a_url_data_root_through():
+    from pipelines.cli import pipeline_arguments
+    from pipelines.pipeline import PARAMS
+
+    params = yaml.safe_load(PARAMS.read_text())
+
+    def data_root(remote: bool, root: str | None, *overrides: str) -> str:
+        args = argparse.Namespace(overrides=["prepare.source=imagefolder", "mlflow.tracking_uri=http://mlflow:5000",
+                                             *overrides], data_root=root, data_version="v1", force_retrain=False)
+        return pipeline_arguments(args, params, remote=remote)["data_root"]
+
+    assert data_root(True, "s3://bucket/raw") == data_root(False, "s3://bucket/raw") == "s3://bucket/raw"
+    # a URL prepare.root is what a local run reads when no --data-root is given
+    assert data_root(False, None, "prepare.root=s3://bucket/raw/") == "s3://bucket/raw/"
+    assert data_root(False, None) == str(REPO / "data" / "digits")  # local roots as before
+
+
+def test_pods_get_the_object_store_credentials_from_the_mlflow_secret():
+    from pipelines.pipeline import MLFLOW_SECRET_KEYS, PARAMS
+
+    keys = {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION",
+            "FSSPEC_S3_ENDPOINT_URL"}
+    assert keys <= set(MLFLOW_SECRET_KEYS)
+    assert yaml.safe_load(PARAMS.read_text())["kfp"]["mlflow_secret_keys"] == list(MLFLOW_SECRET_KEYS)
+
+
+def test_a_url_root_refuses_paths_that_leave_it():
+    root = DataRoot("s3://bucket/data/")
+    assert root.resolve("cat/1.png") == "s3://bucket/data/cat/1.png"
+    for path, why in [("../other/1.png", "'..'"), ("/etc/passwd", "absolute"), ("cat/../../x.png", "'..'"),
+                      ("cat//1.png", "not normalised")]:
+        with pytest.raises(UserError, match=why):
+            root.resolve(path)
+    assert is_url("gs://b/x") and is_url("s3://b") and not is_url("data/digits") and not is_url("/mnt/s3:/x")
+
+
+def test_list_files_must_lie_under_a_url_root():
+    from components.prepare import PrepareParams, _require_under_root
+
+    def params(train):
+        return PrepareParams(source="listfile", root="s3://b/nus", list_files={
+            "train": train, "query": "s3://b/nus/query.txt", "database": "s3://b/nus/database.txt"})
+
+    _require_under_root(params("s3://b/nus/lists/train.txt"))
+    for outside in ("s3://b/nus/../other/train.txt", "s3://b/nuswide/train.txt", "s3://c/nus/train.txt",
+                    "lists/train.txt"):
+        with pytest.raises(UserError, match="must be under prepare.root"):
+            _require_under_root(params(outside))
+
+
+# --- a real S3-protocol server ------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory, digits_root):
+    """moto's S3 server on 127.0.0.1 holding `PER_CLASS` digits per class under s3://BUCKET/digits,
+    with the same files in a local tree; this process and its children reach it through the
+    environment (FSSPEC_S3_ENDPOINT_URL, as a pod would)."""
+    import fsspec.config
+    import requests
+    from s3fs import S3FileSystem
+
+    local = tmp_path_factory.mktemp("s3-local") / "digits"
+    for folder in sorted(p for p in digits_root.iterdir() if p.is_dir()):
+        (local / folder.name).mkdir(parents=True)
+        for image in sorted(folder.iterdir())[:PER_CLASS]:
+            shutil.copyfile(image, local / folder.name / image.name)
+
+    port = free_port()
+    endpoint = f"http://127.0.0.1:{port}"
+    log = open(tmp_path_factory.mktemp("moto") / "server.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            requests.get(endpoint, timeout=2)
+            break
+        except requests.RequestException:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                pytest.fail(f"moto server did not start: {Path(log.name).read_text()[-2000:]}")
+            time.sleep(0.3)
+    saved = {key: os.environ.get(key) for key in [*S3_ENV, "FSSPEC_S3_ENDPOINT_URL"]}
+    os.environ.update(S3_ENV, FSSPEC_S3_ENDPOINT_URL=endpoint)
+    fsspec.config.set_conf_env(fsspec.config.conf)  # fsspec read the environment when it was imported
+    S3FileSystem.clear_instance_cache()
+    fs = S3FileSystem()
+    fs.mkdir(BUCKET)
+    files = sorted(p for p in local.rglob("*.png"))
+    fs.put([str(p) for p in files], [f"{BUCKET}/digits/{p.relative_to(local).as_posix()}" for p in files])
+    try:
+        yield {"fs": fs, "local": local, "url": f"s3://{BUCKET}/digits", "endpoint": endpoint}
+    finally:
+        S3FileSystem.clear_instance_cache()
+        fsspec.config.conf.get("s3", {}).pop("endpoint_url", None)
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def _prepare_params(root: str):
+    from components.prepare import PrepareParams
+
+    return PrepareParams(source="imagefolder", root=root, query_per_class=10, val_per_class=5)
+
+
+@pytest.mark.slow
+def test_the_pipeline_reads_a_bucket_as_it_reads_a_directory(s3, tmp_path):
+    """prepare (the Kubeflow component) -> validate -> train -> convert-onnx -> encode -> evaluate, all on
+    s3://; the manifest and the codes equal those of the local copy."""
+    from kfp.dsl import Artifact, Dataset
+
+    from adalabelhash.data.manifest import MANIFEST_NAME, Manifest
+    from adalabelhash.train import TrainConfig
+    from components import kfp_components
+    from components.convert_onnx import ConvertOnnxParams, convert_onnx
+    from components.encode import EncodeParams, encode
+    from components.evaluate import EvaluateParams, evaluate
+    from components.prepare import prepare
+    from components.train import train
+    from pipelines.config import image_root, to_parameter
+
+    local, url = str(s3["local"]), s3["url"]
+    prepare(_prepare_params(local), tmp_path / "local")
+    dataset = Dataset(name="dataset", uri=str(tmp_path / "dataset"))
+    kfp_components.prepare_dataset.python_func(prepare=to_parameter("prepare", {"source": "imagefolder",
+                                               "query_per_class": 10, "val_per_class": 5}),
+                                               data_root=url, data_version="v1", dataset=dataset)
+    assert image_root(dataset.metadata) == url  # what every later Kubeflow step reads
+    manifest_path = Path(dataset.path) / MANIFEST_NAME
+    from_bucket, from_disk = Manifest.load(manifest_path), Manifest.load(tmp_path / "local" / MANIFEST_NAME)
+    assert from_bucket.frame.equals(from_disk.frame) and len(from_bucket) == 10 * PER_CLASS
+    assert from_bucket.fingerprint() == from_disk.fingerprint()
+
+    report, docs = Artifact(name="report", uri=str(tmp_path / "report")), Artifact(name="docs", uri=str(tmp_path / "d.html"))
+    assert kfp_components.validate_dataset.python_func(validate={}, dataset=dataset, report=report, data_docs=docs)
+
+    config = TrainConfig(backbone="small_cnn", bits=16, image_size=16, lr=3e-3, epochs=1, batch_size=64, patience=0,
+                         val_database_size=100, threads=2)
+    train(config, manifest_path, url, tmp_path / "train")
+    convert_onnx(ConvertOnnxParams(parity_images=16), tmp_path / "train" / "model.pt", manifest_path, url,
+                 tmp_path / "onnx")
+    codes = {}
+    for name, root in [("bucket", url), ("disk", local)]:
+        encode(EncodeParams(), tmp_path / "onnx" / "model.onnx", manifest_path, root, tmp_path / name / "shards",
+               tmp_path / name / "encode")
+        codes[name] = np.load(tmp_path / name / "encode" / "codes.npz")
+    assert np.array_equal(codes["bucket"]["ids"], codes["disk"]["ids"]) and len(codes["bucket"]["ids"]) == len(from_disk)
+    assert np.array_equal(codes["bucket"]["codes"], codes["disk"]["codes"])
+    metrics = evaluate(EvaluateParams(topk=[50], precision_at=[10], examples=2, example_k=3), tmp_path / "bucket" / "encode",
+                       manifest_path, url, tmp_path / "evaluate")
+    assert 0.0 < metrics["mAP"] <= 1.0 and (tmp_path / "evaluate" / "examples.png").is_file()
+
+
+@pytest.mark.slow
+def test_the_gate_names_missing_and_corrupt_objects_by_url(s3, tmp_path):
+    from components.prepare import prepare
+    from components.validate import GateFailed, ValidateParams, validate
+
+    fs, broken = s3["fs"], f"s3://{BUCKET}/broken"
+    fs.copy(f"{BUCKET}/digits", f"{BUCKET}/broken", recursive=True)
+    summary = prepare(_prepare_params(broken), tmp_path / "prepare")
+    gone, corrupt = f"{broken}/3/{sorted(os.listdir(s3['local'] / '3'))[0]}", f"{broken}/7/{sorted(os.listdir(s3['local'] / '7'))[1]}"
+    fs.rm(gone)
+    fs.pipe(corrupt, b"\x89PNG\r\n\x1a\n not a png any more")
+    with pytest.raises(GateFailed) as failed:
+        validate(ValidateParams(), summary["manifest"], tmp_path / "validate")
+    assert f"{gone}: file not found" in failed.value.details
+    assert f"{corrupt}: " in failed.value.details and "sha256" in failed.value.details
+
+
+def test_list_files_are_read_from_the_bucket(s3, tmp_path):
+    """source: listfile with the lists and class names next to the images in the bucket."""
+    from components.prepare import PrepareParams, prepare
+
+    fs, url = s3["fs"], f"s3://{BUCKET}/listed"  # its own copy: a lists/ folder is no class of the others
+    fs.copy(f"{BUCKET}/digits", f"{BUCKET}/listed", recursive=True)
+    classes = sorted(p.name for p in s3["local"].iterdir())
+    lines = {split: [] for split in ("train", "query", "database")}
+    for k, name in enumerate(classes):
+        for i, image in enumerate(sorted((s3["local"] / name).iterdir())):
+            line = f"{name}/{image.name} " + " ".join("1" if j == k else "0" for j in range(len(classes)))
+            lines["query" if i < 3 else "train"].append(line)
+            if i >= 3:
+                lines["database"].append(line)
+    for split, text in lines.items():
+        fs.pipe(f"{url[5:]}/lists/{split}.txt", ("\n".join(text) + "\n").encode())
+    fs.pipe(f"{url[5:]}/lists/classes.txt", ("\n".join(f"digit {c}" for c in classes) + "\n").encode())
+
+    def params(**lists):
+        return PrepareParams(source="listfile", root=url, class_names=f"{url}/lists/classes.txt", val_size=20,
+                             list_files={split: f"{url}/lists/{split}.txt" for split in ("train", "query", "database")}
+                             | lists)
+
+    summary = prepare(params(), tmp_path / "prepare")
+    assert summary["images"] == 10 * PER_CLASS and summary["sizes"]["query"] == 30 and summary["classes"] == 10
+    with pytest.raises(UserError, match=f"^{url}/lists/nothing.txt: list file not found$"):
+        prepare(params(train=f"{url}/lists/nothing.txt"), tmp_path / "missing")
+
+
+def _cli(*args: str, cwd: Path, **env: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO), **env}
+    return subprocess.run([sys.executable, "-m", "adalabelhash.cli", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
+def _params_with_root(tmp_path: Path, root: str) -> None:
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["prepare"] = {"source": "imagefolder", "root": root}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+
+
+def test_a_bucket_that_does_not_exist_is_one_error_line(s3, tmp_path):
+    root = "s3://no-such-bucket/digits"
+    _params_with_root(tmp_path, root)
+    proc = _cli("prepare", "--params", "params.yaml", "--out", "prepared", cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr == f"error: {root}: image folder not found (The specified bucket does not exist)\n"
+    assert not (tmp_path / "prepared").exists()
+    from components.prepare import prepare
+
+    manifest = prepare(_prepare_params(s3["url"]), tmp_path / "ok")["manifest"]
+    proc = _cli("validate", "--params", "params.yaml", "--manifest", manifest, "--data-root", root, "--out", "v",
+                cwd=tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr == f"error: {root}: data root not found (The specified bucket does not exist)\n"
+
+
+@pytest.mark.slow
+def test_an_unreachable_store_is_one_error_line(tmp_path):
+    """Nothing listens on the endpoint (botocore retries for ~8 s, then one line, no traceback)."""
+    root = f"s3://{BUCKET}/digits"
+    _params_with_root(tmp_path, root)
+    proc = _cli("prepare", "--params", "params.yaml", "--out", "prepared", cwd=tmp_path, **S3_ENV,
+                FSSPEC_S3_ENDPOINT_URL=f"http://127.0.0.1:{free_port()}")
+    assert proc.returncode == 2
+    assert proc.stderr.startswith(f"error: {root}: cannot read from the object store (EndpointConnectionError: ")
+    assert proc.stderr.count("\n") == 1 and not (tmp_path / "prepared").exists()
+
+
+@pytest.mark.slow
+def test_kfp_run_local_reads_the_bucket(s3, tmp_path):
+    """The whole pipeline through kfp.local with --data-root s3://...: the URL reaches the dataset
+    artifact's metadata unchanged, and every step reads the images from the bucket."""
+    from tests.test_kfp import executor_output, run_local
+
+    result = run_local(tmp_path, "prepare.source=imagefolder", "prepare.query_per_class=10", "prepare.val_per_class=5",
+                       "train.epochs=1", "train.val_database_size=100", "promote.min_map=0.0", data_root=s3["url"])
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    (run,) = (tmp_path / "kfp").glob("adalabelhash-*")
+    metadata = executor_output(run / "prepare-dataset")["artifacts"]["dataset"]["artifacts"][0]["metadata"]
+    assert metadata["data_root"] == s3["url"] and metadata["images"] == 10 * PER_CLASS
+    assert [p.name for p in (run / "prepare-dataset" / "dataset").rglob("*") if p.is_file()] == ["manifest.parquet"]
+    assert executor_output(run / "validate-dataset")["parameterValues"]["Output"] is True
+    assert list(run.rglob("metrics.json")), "evaluate did not run"
