@@ -295,20 +295,3 @@ def test_an_unreachable_store_is_one_error_line(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.startswith(f"error: {root}: cannot read from the object store (EndpointConnectionError: ")
     assert proc.stderr.count("\n") == 1 and not (tmp_path / "prepared").exists()
-
-
-@pytest.mark.slow
-def test_kfp_run_local_reads_the_bucket(s3, tmp_path):
-    """The whole pipeline through kfp.local with --data-root s3://...: the URL reaches the dataset
-    artifact's metadata unchanged, and every step reads the images from the bucket."""
-    from tests.test_kfp import executor_output, run_local
-
-    result = run_local(tmp_path, "prepare.source=imagefolder", "prepare.query_per_class=10", "prepare.val_per_class=5",
-                       "train.epochs=1", "train.val_database_size=100", "promote.min_map=0.0", data_root=s3["url"])
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    (run,) = (tmp_path / "kfp").glob("adalabelhash-*")
-    metadata = executor_output(run / "prepare-dataset")["artifacts"]["dataset"]["artifacts"][0]["metadata"]
-    assert metadata["data_root"] == s3["url"] and metadata["images"] == 10 * PER_CLASS
-    assert [p.name for p in (run / "prepare-dataset" / "dataset").rglob("*") if p.is_file()] == ["manifest.parquet"]
-    assert executor_output(run / "validate-dataset")["parameterValues"]["Output"] is True
-    assert list(run.rglob("metrics.json")), "evaluate did not run"

@@ -106,14 +106,14 @@ def free_port() -> int:
 
 
 class Service:
-    def __init__(self, work: Path, uri: str, alias: str):
+    def __init__(self, work: Path, uri: str, alias: str, options: list[str]):
         import requests
 
         (work / "params.yaml").write_text(f"promote: {{model_name: {NAME}}}\nmlflow: {{tracking_uri: '{uri}'}}\n")
         self.url = f"http://127.0.0.1:{free_port()}"
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "adalabelhash.cli", "serve", "--params", "params.yaml", "--alias", alias,
-             "--port", self.url.rsplit(":", 1)[1], "--poll-seconds", "3600"],
+             "--port", self.url.rsplit(":", 1)[1], "--poll-seconds", "3600", *options],
             cwd=work, stdout=open(work / f"serve-{alias}.log", "w"), stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + 600
         while True:
@@ -285,6 +285,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="runs per measurement; the fastest is kept")
     parser.add_argument("--k", type=int, default=100)
     parser.add_argument("--out", type=Path, default=HERE / "results.json")
+    parser.add_argument("--serve-options", default="", help="extra `adalabelhash serve` options, e.g. '--search-workers 2'")
     args = parser.parse_args()
 
     from adalabelhash.data.manifest import Manifest
@@ -311,10 +312,10 @@ def main() -> None:
     images = [(args.data_root / manifest.frame["path"].iloc[i]).read_bytes() for i in query_rows]
     results = {"machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                            "loadavg_at_start": [round(x, 2) for x in load_start]},
-               "k": args.k, "bits": digits.bits, "requests_per_run": args.requests, "repeats": args.repeats, "flip_rate": round(flip, 4), "cases": {}}
+               "k": args.k, "serve_options": args.serve_options, "bits": digits.bits, "requests_per_run": args.requests, "repeats": args.repeats, "flip_rate": round(flip, 4), "cases": {}}
     for alias, database in databases.items():
         model = load_version(uri, NAME, str(list(databases).index(alias) + 1), IndexParams(), threads=1)  # as served
-        service = Service(work, uri, alias)
+        service = Service(work, uri, alias, args.serve_options.split())
         try:
             results["cases"][alias] = {"codes": len(database),
                                        **compare(model, service, database, images, args.k, args.requests, args.repeats)}
