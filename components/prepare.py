@@ -78,14 +78,20 @@ def build_draft(params: PrepareParams) -> "Draft":
 def _require_under_root(params: PrepareParams) -> None:
     """List files live under the data root: `dvc repro` then reruns prepare when one changes
     (the root is the stage's dependency), and a cluster finds them where it finds the images."""
-    from adalabelhash.data.paths import is_url
+    from adalabelhash.data.paths import check_relative_path, is_url
     from adalabelhash.errors import UserError
+
+    def lexically_under(name: str, root: str) -> bool:  # an object store has no symlinks to resolve
+        try:
+            return name.startswith(root + "/") and bool(check_relative_path(name[len(root) + 1:], name))
+        except UserError:  # `..`, not normalised: refused, not normalised away
+            return False
 
     url = is_url(params.root)
     root = params.root.rstrip("/") if url else Path(params.root).resolve()
     for name in [*params.list_files.values(), *([params.class_names] if params.class_names else [])]:
-        if url:  # lexically: an object store has no symlinks; `..` is refused, not normalised away
-            inside = name.startswith(root + "/") and ".." not in name[len(root) + 1:].split("/")
+        if url:
+            inside = lexically_under(name, root)
         else:
             inside = not is_url(name) and Path(name).resolve().is_relative_to(root)
         if not inside:

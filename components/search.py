@@ -1,8 +1,9 @@
 """`adalabelhash search IMAGE... -k 10`: nearest database images from the faiss binary index.
 
 Serving path: image -> model.onnx -> bits -> faiss IndexBinaryFlat (exact Hamming k-NN).
-faiss orders items at equal distance its own way, which is fine for serving; the metrics
-in `evaluate` never depend on it.
+Items at equal distance come in ascending database position (faiss's k-selection breaks
+ties by id); the metrics in `evaluate` never depend on that order. The HTTP service with
+batching and alias following is `adalabelhash serve` (adalabelhash/serving/).
 """
 
 from __future__ import annotations

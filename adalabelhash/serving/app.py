@@ -26,7 +26,9 @@ import json
 import time
 from dataclasses import dataclass
 
+import orjson
 from fastapi import Request  # at module level: FastAPI resolves the handlers' annotations here
+from fastapi.responses import Response
 
 from adalabelhash.errors import UserError
 from adalabelhash.serving.batcher import Batcher
@@ -53,7 +55,7 @@ class ApiError(Exception):
 def create_app(follower: Follower, settings: ApiSettings, batcher: Batcher | None = None):
     from fastapi import FastAPI
     from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import JSONResponse, Response
+    from fastapi.responses import JSONResponse
     from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
     from starlette.concurrency import run_in_threadpool
     from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -254,9 +256,6 @@ def decode_upload(data: bytes, image_size: int):
 
 def answer(model: ServedModel, distances, positions, rerank_distances=None):
     """The JSON answer, serialised by orjson (the plain types are built here: no encoder pass)."""
-    import orjson
-    from fastapi.responses import Response
-
     database = model.database
     results = [{"id": int(database.ids[p]), "label": database.labels[p], "path": database.paths[p], "distance": int(d)}
                for d, p in zip(distances, positions)]

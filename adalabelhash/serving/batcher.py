@@ -30,7 +30,8 @@ class Job:
     k: int
     rerank: int = 0
     pixels: np.ndarray | None = None  # (S, S, 3) uint8: an image query
-    code: np.ndarray | None = None  # packed stored code: an id query
+    code: np.ndarray | None = None  # packed bits: an id query's stored code, an image query's once encoded
+    real: np.ndarray | None = None  # an image query's tanh outputs, once encoded
     future: Future = field(default_factory=Future)
 
 
@@ -86,10 +87,11 @@ class Batcher:
         try:
             model = jobs[0].model
             images = [job for job in jobs if job.pixels is not None]
-            real = dict(zip(map(id, images), model.encode(np.stack([job.pixels for job in images])))) if images else {}
-            queries = [Query(code=pack_codes(real[id(job)][None])[0], k=job.k, real=real[id(job)], rerank=job.rerank)
-                       if job.pixels is not None else Query(code=job.code, k=job.k) for job in jobs]
-            answers = model.index.answer(queries)
+            if images:
+                real = model.encode(np.stack([job.pixels for job in images]))
+                for job, job_real, code in zip(images, real, pack_codes(real)):
+                    job.real, job.code = job_real, code
+            answers = model.index.answer([Query(job.code, job.k, job.real, job.rerank) for job in jobs])
         except Exception as exc:  # answered as an error to these requests only; the worker goes on
             log.exception("a batch of %d queries failed", len(jobs))
             for job in jobs:
