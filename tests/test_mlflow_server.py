@@ -82,12 +82,19 @@ def test_ui_walkthrough_from_the_home_page_to_compare_and_registry(mlflow_server
     promote(PromoteParams(model_name="walkthrough-model"), tmp_path / "m.json", ref, tmp_path / "p",
             {"version": None, "value": None, "dataset_fingerprint": "f" * 64})
 
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as clickable
     from selenium.webdriver.support.ui import WebDriverWait
 
     def click(xpath: str):
-        WebDriverWait(browser, 60).until(clickable.element_to_be_clickable((By.XPATH, xpath))).click()
+        def found_and_clicked(driver) -> bool:  # MLflow's React lists re-render: a stale element is looked up again
+            element = clickable.element_to_be_clickable((By.XPATH, xpath))(driver)
+            if element:
+                element.click()
+            return bool(element)
+
+        WebDriverWait(browser, 60, ignored_exceptions=(StaleElementReferenceException,)).until(found_and_clicked)
 
     def body() -> str:
         return browser.find_element(By.TAG_NAME, "body").text
