@@ -8,6 +8,7 @@ Registered versions (one logged ONNX model, four runs):
   v4  broken: its database holds 8-bit codes, the encoder gives 16
 """
 
+import asyncio
 import base64
 import hashlib
 import hmac
@@ -86,25 +87,32 @@ def test_batcher_answers_what_queued_in_one_call_per_version_and_fails_only_its_
     sizes = []
     batcher = Batcher(max_batch=64, on_batch=sizes.append)  # not started: run_once answers what queued
     pixels = rng.integers(0, 256, (4, 4, 4, 3), dtype=np.uint8)
-    jobs = [batcher.submit(old, 5, code=codes[0]), batcher.submit(new, 9, code=codes[0]),
-            *[batcher.submit(old, 3, pixels=p, rerank=20) for p in pixels], batcher.submit(broken, 5, pixels=pixels[0]),
-            batcher.submit(new, 4, pixels=pixels[1])]
-    assert batcher.run_once(block=False) == len(jobs) and sizes == [len(jobs)]
+
+    async def requests():
+        searches = [batcher.search(old, 2, code=codes[1]), batcher.search(old, 5, code=codes[0]),
+                    batcher.search(new, 9, code=codes[0]), *[batcher.search(old, 3, pixels=p, rerank=20) for p in pixels],
+                    batcher.search(broken, 5, pixels=pixels[0]), batcher.search(new, 4, pixels=pixels[1])]
+        tasks = [asyncio.ensure_future(search) for search in searches]
+        await asyncio.sleep(0)  # every request has queued its job
+        tasks[0].cancel()  # a client that went away: the others are still answered
+        await asyncio.sleep(0)
+        answered = batcher.run_once(block=False)
+        return answered, await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 10)
+
+    answered, (gone, *results) = asyncio.run(requests())
+    assert isinstance(gone, asyncio.CancelledError) and answered == 1 + len(results) and sizes == [answered]
     assert old.encoded == [4] and new.encoded == [1]  # the images of a version: one ORT call
-    for future, version, k in ((jobs[0], old, 5), (jobs[1], new, 9)):
-        d, p, _ = future.result(timeout=0)
+    for (d, p, _), version, k in ((results[0], old, 5), (results[1], new, 9)):
         assert p.tolist() == version.index.search(codes[:1], k)[0][1].tolist()
     real = np.where(pixels.reshape(4, -1)[:, :16] > 127, 0.9, -0.9).astype(np.float32)
     from adalabelhash.codes import pack_codes
     from adalabelhash.serving.index import Query
 
-    for future, r in zip(jobs[2:6], real):
-        d, p, asym = future.result(timeout=0)
+    for (d, p, asym), r in zip(results[2:6], real):
         (_, alone_p, alone_asym), = old.index.answer([Query(pack_codes(r[None])[0], 3, r, 20)])
         assert p.tolist() == alone_p.tolist() and np.allclose(asym, alone_asym)
-    with pytest.raises(RuntimeError, match="encoder failed"):
-        jobs[6].result(timeout=0)
-    assert len(jobs[7].result(timeout=0)[1]) == 4
+    assert isinstance(results[6], RuntimeError) and "encoder failed" in str(results[6])
+    assert len(results[7][1]) == 4
     assert batcher.run_once(block=False) == 0
 
 

@@ -18,7 +18,6 @@ needs `Authorization: Bearer <token>`.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import hashlib
 import hmac
@@ -26,6 +25,7 @@ import json
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import orjson
 from fastapi import Request  # at module level: FastAPI resolves the handlers' annotations here
 from fastapi.responses import Response
@@ -149,7 +149,7 @@ def create_app(follower: Follower, settings: ApiSettings, batcher: Batcher | Non
         position = model.position(item_id)
         if position is None:
             raise ApiError(404, f"id {item_id} is not in the database of v{model.version}")
-        found = await asyncio.wrap_future(batcher.submit(model, k, code=model.database.codes[position]))
+        found = await batcher.search(model, k, code=model.database.codes[position])
         return answer(model, *found)
 
     @app.post("/search")
@@ -158,7 +158,7 @@ def create_app(follower: Follower, settings: ApiSettings, batcher: Batcher | Non
         check_k(k, rerank)
         image = await read_upload(request, settings.max_upload_bytes)
         pixels = await run_in_threadpool(decode_upload, image, model.image_size)  # decoders run in parallel
-        found = await asyncio.wrap_future(batcher.submit(model, k, pixels=pixels, rerank=rerank))
+        found = await batcher.search(model, k, pixels=pixels, rerank=rerank)
         return answer(model, *found)
 
     @app.post("/webhook")
@@ -188,6 +188,7 @@ class GuardAndMeasure:
     def __init__(self, app, token, requests_total, latency):
         self.app, self.token, self.requests_total, self.latency = app, token, requests_total, latency
         self.expected = f"Bearer {token}".encode() if token else b""
+        self._metric_children = {}
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -213,9 +214,16 @@ class GuardAndMeasure:
             await self.app(scope, receive, send_and_note)
         finally:
             route = scope.get("route")
-            endpoint = route.path if route is not None else "other"
-            self.requests_total.labels(endpoint, status[0]).inc()
-            self.latency.labels(endpoint).observe(time.perf_counter() - started)
+            counter, latency = self._children(route.path if route is not None else "other", status[0])
+            counter.inc()
+            latency.observe(time.perf_counter() - started)
+
+    def _children(self, endpoint: str, status: int):
+        """The (counter, histogram) of one endpoint and status, looked up once (labels() takes a lock)."""
+        key = (endpoint, status)
+        if key not in self._metric_children:
+            self._metric_children[key] = (self.requests_total.labels(endpoint, status), self.latency.labels(endpoint))
+        return self._metric_children[key]
 
 
 async def read_upload(request, limit: int) -> bytes:
@@ -257,8 +265,9 @@ def decode_upload(data: bytes, image_size: int):
 def answer(model: ServedModel, distances, positions, rerank_distances=None):
     """The JSON answer, serialised by orjson (the plain types are built here: no encoder pass)."""
     database = model.database
-    results = [{"id": int(database.ids[p]), "label": database.labels[p], "path": database.paths[p], "distance": int(d)}
-               for d, p in zip(distances, positions)]
+    labels, paths = database.labels, database.paths
+    results = [{"id": i, "label": labels[p], "path": paths[p], "distance": d}  # plain ints: one gather, no numpy scalars
+               for i, p, d in zip(database.ids[positions].tolist(), positions.tolist(), distances.tolist())]
     if rerank_distances is not None:
         for result, value in zip(results, rerank_distances):
             result["rerank_distance"] = round(float(value), 4)

@@ -4,16 +4,17 @@ call for every code waiting.
 No timer: a worker takes whatever queued up while it was busy (up to `max_batch`), so a lone
 query goes at once and batches grow only under load, where a full scan of the codes per query is
 what saturates the CPU. Each job carries the version it started on; a batch that spans a swap
-is answered per version.
+is answered per version. A batch's answers go back to the event loop in one
+`call_soon_threadsafe` (one wake-up of the loop per batch, not per query).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import queue
 import threading
-from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
@@ -32,7 +33,8 @@ class Job:
     pixels: np.ndarray | None = None  # (S, S, 3) uint8: an image query
     code: np.ndarray | None = None  # packed bits: an id query's stored code, an image query's once encoded
     real: np.ndarray | None = None  # an image query's tanh outputs, once encoded
-    future: Future = field(default_factory=Future)
+    future: asyncio.Future | None = None  # on the submitting event loop
+    outcome: tuple | BaseException | None = None  # the answer or the error, until delivered
 
 
 class Batcher:
@@ -43,12 +45,12 @@ class Batcher:
         self._queue: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
         self._threads = [threading.Thread(target=self._loop, name=f"search-{i}", daemon=True) for i in range(workers)]
 
-    def submit(self, model, k: int, *, pixels: np.ndarray | None = None, code: np.ndarray | None = None,
-               rerank: int = 0) -> Future:
-        """Queue one query; the future gives (Hamming distances, positions, asymmetric distances or None)."""
-        job = Job(model, k, rerank, pixels, code)
+    async def search(self, model, k: int, *, pixels: np.ndarray | None = None, code: np.ndarray | None = None,
+                     rerank: int = 0) -> tuple:
+        """Queue one query and wait for (Hamming distances, positions, asymmetric distances or None)."""
+        job = Job(model, k, rerank, pixels, code, future=asyncio.get_running_loop().create_future())
         self._queue.put(job)
-        return job.future
+        return await job.future
 
     def start(self) -> None:
         for thread in self._threads:
@@ -81,6 +83,8 @@ class Batcher:
         self.on_batch(len(jobs))
         for model in {id(job.model): job.model for job in jobs}.values():
             self._answer([job for job in jobs if job.model is model])
+        for loop in {id(job.future.get_loop()): job.future.get_loop() for job in jobs}.values():
+            loop.call_soon_threadsafe(_deliver, [job for job in jobs if job.future.get_loop() is loop])
         return len(jobs)
 
     def _answer(self, jobs: list[Job]) -> None:
@@ -95,11 +99,22 @@ class Batcher:
         except Exception as exc:  # answered as an error to these requests only; the worker goes on
             log.exception("a batch of %d queries failed", len(jobs))
             for job in jobs:
-                job.future.set_exception(exc)
+                job.outcome = exc
             return
         for job, found in zip(jobs, answers):
-            job.future.set_result(found)
+            job.outcome = found
 
     def _loop(self) -> None:
         while self.run_once() >= 0:
             pass
+
+
+def _deliver(jobs: list[Job]) -> None:
+    """On the event loop: hand each job its outcome (a request that went away has no one to tell)."""
+    for job in jobs:
+        if job.future.done():
+            continue
+        if isinstance(job.outcome, BaseException):
+            job.future.set_exception(job.outcome)
+        else:
+            job.future.set_result(job.outcome)
