@@ -1,23 +1,24 @@
 """The HTTP floor under `adalabelhash serve`: server CPU per request of a route that only returns
 a fixed 100-result JSON answer, as a bare Starlette route and as a FastAPI route with the
 service's path and query parameters, each under uvicorn (uvloop + httptools) on 127.0.0.1,
-queried like benchmarks/serve/run.py does (8 keep-alive `http.client` threads, 2,000 requests
-after 200 to warm up).
+queried like benchmarks/serve/run.py does (8 keep-alive connections from the light client in
+load.py, 2,000 requests after 200 to warm up).
 
   python benchmarks/serve/http_floor.py
 """
 
 from __future__ import annotations
 
-import http.client
 import socket
 import subprocess
 import sys
-import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import orjson
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from benchmarks.serve.load import get_request, run_load  # noqa: E402
 
 ANSWER = orjson.dumps({"model_version": "1", "results": [
     {"id": i, "label": "3", "path": f"3/{i:04d}.png", "distance": 3} for i in range(100)]})
@@ -61,17 +62,6 @@ def measure(kind: str, clients: int = 8, requests: int = 2000) -> dict:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     server = subprocess.Popen([sys.executable, __file__, "--serve", kind, str(port)])
-    local = threading.local()
-
-    def call(i):
-        if not hasattr(local, "connection"):
-            local.connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-            local.connection.connect()
-            local.connection.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        local.connection.request("GET", f"/search/{i}?k=100")
-        reply = local.connection.getresponse()
-        assert reply.status == 200 and reply.read() == ANSWER
-
     try:
         for _ in range(100):  # until it listens
             try:
@@ -79,17 +69,16 @@ def measure(kind: str, clients: int = 8, requests: int = 2000) -> dict:
                 break
             except OSError:
                 time.sleep(0.1)
-        with ThreadPoolExecutor(clients) as pool:
-            list(pool.map(call, range(200)))
+        run_load(port, [get_request(f"/search/{i}?k=100") for i in range(200)], clients)  # warm up
         process = psutil.Process(server.pid)
-        cpu_before, started = sum(process.cpu_times()[:2]), time.perf_counter()
-        with ThreadPoolExecutor(clients) as pool:
-            list(pool.map(call, range(requests)))
-        seconds, cpu = time.perf_counter() - started, sum(process.cpu_times()[:2]) - cpu_before
+        cpu_before = sum(process.cpu_times()[:2])
+        load = run_load(port, [get_request(f"/search/{i}?k=100") for i in range(requests)], clients, keep_answers=True)
+        cpu = sum(process.cpu_times()[:2]) - cpu_before
+        assert all(answer == ANSWER for answer in load["answers"])
     finally:
         server.terminate()
         server.wait(timeout=30)
-    return {"app": kind, "qps": round(requests / seconds), "server_cpu_ms_per_request": round(1000 * cpu / requests, 3)}
+    return {"app": kind, "qps": round(requests / load["wall"]), "server_cpu_ms_per_request": round(1000 * cpu / requests, 3)}
 
 
 if __name__ == "__main__":

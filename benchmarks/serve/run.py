@@ -25,7 +25,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
@@ -39,14 +38,16 @@ sys.path.insert(0, str(REPO))
 
 from adalabelhash import tracking  # noqa: E402
 from adalabelhash.database import ARTIFACT_PATH, Database, database_from_encoded, write_database  # noqa: E402
+from benchmarks.serve.load import get_request, run_load, upload_request  # noqa: E402
 
 NAME = "serve-bench"
 
 
 def timed_calls(call, items: list, clients: int, cpu_seconds=time.process_time) -> dict:
-    """Run call(item) for every item from `clients` threads; queries/s, latency percentiles and the
-    CPU time per query of the process doing the work (`cpu_seconds`: a cumulative clock). On a
-    shared machine wall-clock numbers move with the neighbours' load; CPU per query much less."""
+    """Run call(item) for every item from `clients` threads (the raw in-process side); queries/s,
+    latency percentiles and the CPU time per query of the process doing the work (`cpu_seconds`:
+    a cumulative clock). On a shared machine wall-clock numbers move with the neighbours' load;
+    CPU per query much less."""
     latencies = np.empty(len(items))
     cpu_before = cpu_seconds()
 
@@ -58,10 +59,21 @@ def timed_calls(call, items: list, clients: int, cpu_seconds=time.process_time) 
     started = time.perf_counter()
     with ThreadPoolExecutor(clients) as pool:
         list(pool.map(one, range(len(items))))
-    wall = time.perf_counter() - started
-    return {"qps": round(len(items) / wall, 1), "p50_ms": round(1000 * float(np.percentile(latencies, 50)), 2),
-            "p99_ms": round(1000 * float(np.percentile(latencies, 99)), 2), "requests": len(items),
-            "cpu_ms_per_query": round(1000 * (cpu_seconds() - cpu_before) / len(items), 3)}
+    return summary(latencies, time.perf_counter() - started, cpu_seconds() - cpu_before)
+
+
+def timed_requests(port: int, requests: list[bytes], clients: int, cpu_seconds) -> dict:
+    """The same over HTTP, from the light asyncio client (load.py); its own CPU per request too."""
+    cpu_before = cpu_seconds()
+    load = run_load(port, requests, clients)
+    return {**summary(load["latencies"], load["wall"], cpu_seconds() - cpu_before),
+            "client_cpu_ms_per_query": round(1000 * load["client_cpu"] / len(requests), 3)}
+
+
+def summary(latencies: np.ndarray, wall: float, cpu: float) -> dict:
+    return {"qps": round(len(latencies) / wall, 1), "p50_ms": round(1000 * float(np.percentile(latencies, 50)), 2),
+            "p99_ms": round(1000 * float(np.percentile(latencies, 99)), 2), "requests": len(latencies),
+            "cpu_ms_per_query": round(1000 * cpu / len(latencies), 3)}
 
 
 def synthetic(codewords_bits: np.ndarray, flip: float, count: int, seed: int, uniform: bool) -> Database:
@@ -110,10 +122,11 @@ class Service:
         import requests
 
         (work / "params.yaml").write_text(f"promote: {{model_name: {NAME}}}\nmlflow: {{tracking_uri: '{uri}'}}\n")
-        self.url = f"http://127.0.0.1:{free_port()}"
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "adalabelhash.cli", "serve", "--params", "params.yaml", "--alias", alias,
-             "--port", self.url.rsplit(":", 1)[1], "--poll-seconds", "3600", *options],
+             "--port", str(self.port), "--poll-seconds", "3600", *options],
             cwd=work, stdout=open(work / f"serve-{alias}.log", "w"), stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + 600
         while True:
@@ -138,38 +151,6 @@ class Service:
     def stop(self):
         os.killpg(self.proc.pid, signal.SIGTERM)
         self.proc.wait(timeout=60)
-
-
-def http_calls(service: Service, k: int):
-    """id and image queries over HTTP, one keep-alive connection per client thread. http.client with
-    TCP_NODELAY, as curl does: requests added ~40 ms to every search answer here (1.7 ms this way)."""
-    import http.client
-    import uuid
-
-    local = threading.local()
-    host, port = service.url.rsplit("/", 1)[1].split(":")
-
-    def fetch(method, path, body=None, headers=None):
-        if not hasattr(local, "connection"):
-            local.connection = http.client.HTTPConnection(host, int(port), timeout=120)
-            local.connection.connect()
-            # http.client sends headers and body in two writes: without this, Nagle + delayed ACK add ~40 ms
-            local.connection.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        local.connection.request(method, path, body=body, headers=headers or {})
-        reply = local.connection.getresponse()
-        data = reply.read()
-        assert reply.status == 200, data[:300]
-
-    def id_query(item):
-        fetch("GET", f"/search/{item}?k={k}")
-
-    def image_query(data):
-        boundary = uuid.uuid4().hex
-        body = (f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="q.png"\r\n'
-                f"Content-Type: image/png\r\n\r\n").encode() + data + f"\r\n--{boundary}--\r\n".encode()
-        fetch("POST", f"/search?k={k}", body, {"Content-Type": f"multipart/form-data; boundary={boundary}"})
-
-    return id_query, image_query
 
 
 def raw_calls(model, codes: np.ndarray, k: int):
@@ -204,7 +185,6 @@ def compare(model, service: Service, database: Database, images: list[bytes], k:
     """Raw and served, one configuration after the other, so load drift hits both alike."""
     positions = np.random.default_rng(7).choice(len(database), 64, replace=False).tolist()
     raw_id, raw_image, raw_batched = raw_calls(model, database.codes, k)
-    http_id, http_image = http_calls(service, k)
     ids = [int(database.ids[p]) for p in positions]
     out = {"raw": {}, "service": {}}
 
@@ -217,7 +197,7 @@ def compare(model, service: Service, database: Database, images: list[bytes], k:
         if side == "raw":
             return timed_calls(call, items, clients, clocks[side])
         before = service.batches()
-        run = timed_calls(call, items, clients, clocks[side])
+        run = timed_requests(service.port, items, clients, clocks[side])
         after = service.batches()
         run["mean_batch"] = round((after[0] - before[0]) / max(1.0, after[1] - before[1]), 2)  # queries per search call
         return run
@@ -228,8 +208,10 @@ def compare(model, service: Service, database: Database, images: list[bytes], k:
     for clients in (1, 8):
         items = [positions[i % len(positions)] for i in range(requests_per_run)]
         pictures = [images[i % len(images)] for i in range(requests_per_run)]
-        runs = {("raw", "id"): (raw_id, items), ("service", "id"): (http_id, [ids[positions.index(p)] for p in items]),
-                ("raw", "image"): (raw_image, pictures), ("service", "image"): (http_image, pictures)}
+        runs = {("raw", "id"): (raw_id, items),
+                ("service", "id"): (None, [get_request(f"/search/{ids[positions.index(p)]}?k={k}") for p in items]),
+                ("raw", "image"): (raw_image, pictures),
+                ("service", "image"): (None, [upload_request(f"/search?k={k}", picture) for picture in pictures])}
         for (side, kind), (call, work) in runs.items():
             out[side][f"{kind}_c{clients}"] = best(side, call, work, clients)
     groups = [positions[i : i + 8] for i in range(0, 64, 8)] * max(1, requests_per_run // 64)
