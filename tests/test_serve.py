@@ -362,6 +362,9 @@ def test_every_bad_input_gets_its_status_and_a_json_error(service, registry):
         assert answer.headers["content-type"] == "application/json" and words in answer.json()["error"], (path, answer.text)
     assert service.proc.poll() is None  # nothing crashed it
     assert service.version() == "1"
+    metrics = requests.get(f"{service.url}/metrics", headers=AUTH, timeout=10).text  # counted per route template
+    for endpoint, status in (("/search", 413), ("/search", 422), ("/search/{item_id}", 404), ("other", 404)):
+        assert f'adalabelhash_requests_total{{endpoint="{endpoint}",status="{status}"}}' in metrics, metrics
 
 
 @pytest.mark.slow
