@@ -313,6 +313,14 @@ def test_image_and_id_queries_find_the_right_neighbours_in_stable_order(service,
     assert distances == sorted(distances)
     by_id = {int(i): p for i, p in zip(database.ids, database.paths)}
     assert all(by_id[r["id"]] == r["path"] for r in body["results"])
+    # the same '3' as a 256 x 256 photo-sized upload: decoded in the threadpool, not on the event loop
+    from PIL import Image
+
+    large = io.BytesIO()
+    Image.open(io.BytesIO(query_image(registry["trained"], "3"))).resize((256, 256), Image.Resampling.NEAREST).save(large, "PNG")
+    answer = requests.post(f"{service.url}/search", params={"k": 20}, headers=AUTH,
+                           files={"image": ("three.png", large.getvalue(), "image/png")}, timeout=30)
+    assert answer.status_code == 200 and Counter(r["label"] for r in answer.json()["results"])["3"] >= 12, answer.text
 
     item = int(database.ids[40])
     answer = requests.get(f"{service.url}/search/{item}", params={"k": 50}, headers=AUTH, timeout=30).json()

@@ -21,6 +21,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import io
 import json
 import time
 from dataclasses import dataclass
@@ -34,6 +35,9 @@ from adalabelhash.serving.batcher import Batcher
 from adalabelhash.serving.loader import Follower, ServedModel
 
 WEBHOOK_MAX_AGE_SECONDS = 300  # replay window for signed deliveries
+# Up to this many pixels an upload is decoded on the event loop: well under 0.1 ms, while the hop
+# to a thread and back costs ~0.2 ms of CPU (benchmarks/serve/README.md).
+INLINE_DECODE_PIXELS = 128 * 128
 
 
 @dataclass(frozen=True)
@@ -160,7 +164,10 @@ def create_app(follower: Follower, settings: ApiSettings, batcher: Batcher | Non
         k, rerank = int_param(request.query_params, "k", 10), int_param(request.query_params, "rerank", 0)
         check_k(k, rerank)
         image = await read_upload(request, settings.max_upload_bytes)
-        pixels = await run_in_threadpool(decode_upload, image, model.image_size)  # decoders run in parallel
+        if header_pixels(image) <= INLINE_DECODE_PIXELS:
+            pixels = decode_upload(image, model.image_size)
+        else:  # in the threadpool: a large decode would stall every other request; decoders run in parallel
+            pixels = await run_in_threadpool(decode_upload, image, model.image_size)
         found = await batcher.search(model, k, pixels=pixels, rerank=rerank)
         return answer(model, *found)
 
@@ -271,6 +278,18 @@ def int_param(params, name: str, default: int | None = None) -> int:
         return int(value)
     except ValueError:
         raise ApiError(422, f"{name}: must be an integer, got {value[:40]!r}") from None
+
+
+def header_pixels(data: bytes) -> int:
+    """Width x height from the image header, without decoding; 0 if there is no readable header
+    (decode_upload then names the problem, as cheaply)."""
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            return image.width * image.height
+    except Exception:  # noqa: BLE001 - PIL raises several types for a bad header
+        return 0
 
 
 def decode_upload(data: bytes, image_size: int):
