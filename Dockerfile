@@ -33,14 +33,11 @@ RUN apt-get update && apt-get install -y --no-install-recommends git && apt-get 
 WORKDIR /opt/adalabelhash
 
 # Dependencies before the code, so this (the one heavy layer) is rebuilt only when they change.
-# extra_ca is appended to the CA bundle inside this RUN only: it never lands in a layer.
+# extra_ca is appended to the CA bundle inside each pip RUN only: it never lands in a layer.
+COPY tools/extra_ca.sh /usr/local/lib/extra_ca.sh
 COPY pyproject.toml constraints.txt ./
 RUN --mount=type=secret,id=extra_ca \
-    set -eu; \
-    if [ -s /run/secrets/extra_ca ]; then \
-        cat /etc/ssl/certs/ca-certificates.crt /run/secrets/extra_ca > /tmp/ca-bundle.pem; \
-        export PIP_CERT=/tmp/ca-bundle.pem; \
-    fi; \
+    set -eu; . /usr/local/lib/extra_ca.sh; \
     if [ "$TORCH_INDEX" = auto ]; then \
         TORCH_INDEX=$([ "$DEVICE" = cpu ] && echo https://download.pytorch.org/whl/cpu || true); \
     fi; \
@@ -53,7 +50,7 @@ print('\n'.join(p['dependencies'] + p['optional-dependencies']['$DEVICE'] + p['o
                    "--build-arg TORCH_INDEX= for PyPI's torch (CUDA build, ~7 GB image)" >&2; exit 1; }; \
     fi; \
     pip install -c constraints.txt -r /tmp/requirements.txt; \
-    rm -f /tmp/requirements.txt /tmp/ca-bundle.pem; \
+    rm -f /tmp/requirements.txt; \
     python -c "import torch; cuda = torch.version.cuda; \
 print(f'adalabelhash image: DEVICE=$DEVICE holds torch {torch.__version__} (' + (f'CUDA {cuda}' if cuda else 'CPU only') \
 + ') from ' + ('$TORCH_INDEX' or 'PyPI')); \
@@ -66,12 +63,8 @@ COPY adalabelhash ./adalabelhash
 COPY components ./components
 COPY pipelines ./pipelines
 RUN --mount=type=secret,id=extra_ca \
-    set -eu; \
-    if [ -s /run/secrets/extra_ca ]; then \
-        cat /etc/ssl/certs/ca-certificates.crt /run/secrets/extra_ca > /tmp/ca-bundle.pem; \
-        export PIP_CERT=/tmp/ca-bundle.pem; \
-    fi; \
-    pip install --no-deps -c constraints.txt . && pip check && rm -rf build *.egg-info /tmp/ca-bundle.pem
+    set -eu; . /usr/local/lib/extra_ca.sh; \
+    pip install --no-deps -c constraints.txt . && pip check && rm -rf build *.egg-info
 
 # Declared last: a new commit (REVISION) must not invalidate the cached layers above.
 ARG VERSION=0.1.0

@@ -2,6 +2,7 @@
 # `dvc repro` (1 epoch), then one Kubeflow component through KFP's local runner, as the image's user.
 set -euo pipefail
 [ "$(id -u)" != 0 ] || { echo "error: the image runs as root" >&2; exit 1; }
+[ ! -e /tmp/ca-bundle.pem ] || { echo "error: the build's CA bundle (extra_ca) landed in the image" >&2; exit 1; }
 echo "check: user $(id -un), $(python --version), $(git --version), adalabelhash $(python -c 'import adalabelhash; print(adalabelhash.__version__)')"
 if [ "$DEVICE" = gpu ]; then  # the two onnxruntime builds share one module name: exactly one may be installed
     pip show -q onnxruntime-gpu && ! pip show -q onnxruntime 2>/dev/null
