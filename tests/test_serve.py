@@ -116,6 +116,43 @@ def test_batcher_answers_what_queued_in_one_call_per_version_and_fails_only_its_
     assert batcher.run_once(block=False) == 0
 
 
+def test_a_busy_worker_leaves_idle_workers_a_share_so_they_scan_side_by_side():
+    from adalabelhash.serving.batcher import Batcher, batch_share
+
+    assert [batch_share(8, 1, 32), batch_share(8, 0, 32), batch_share(100, 0, 32), batch_share(1, 3, 32),
+            batch_share(9, 1, 4)] == [4, 8, 32, 1, 4]
+    scans = []
+
+    class SlowIndex:  # a scan that takes a while and releases the GIL, as faiss does
+        def answer(self, queries):
+            started = time.perf_counter()
+            time.sleep(0.3)
+            scans.append((threading.current_thread().name, len(queries), started, time.perf_counter()))
+            return [(np.zeros(0, np.int64), np.zeros(0, np.int64), None)] * len(queries)
+
+    class Version:
+        index = SlowIndex()
+
+    batcher = Batcher(max_batch=32, workers=2)
+    batcher.start()
+    deadline = time.monotonic() + 10
+    while batcher._idle < 2 and time.monotonic() < deadline:  # both workers waiting for a job
+        time.sleep(0.01)
+
+    version = Version()
+
+    async def eight_at_once():
+        return await asyncio.gather(*(batcher.search(version, 1, code=np.zeros(1, np.uint8)) for _ in range(8)))
+
+    try:
+        assert len(asyncio.run(eight_at_once())) == 8
+    finally:
+        batcher.stop()
+    assert sorted(size for _, size, _, _ in scans) == [4, 4], scans  # all eight queued before a worker woke
+    (_, _, start_a, end_a), (_, _, start_b, end_b) = scans
+    assert len({name for name, *_ in scans}) == 2 and max(start_a, start_b) < min(end_a, end_b), scans
+
+
 def test_ivf_above_flat_max_and_rerank_orders_by_asymmetric_distance():
     from adalabelhash.codes import asymmetric_distances, pack_codes
     from adalabelhash.serving.index import Query

@@ -4,7 +4,9 @@ call for every code waiting.
 No timer: a worker takes whatever queued up while it was busy (up to `max_batch`), so a lone
 query goes at once and batches grow only under load, where a full scan of the codes per query is
 what saturates the CPU. Each job carries the version it started on; a batch that spans a swap
-is answered per version. A batch's answers go back to the event loop in one
+is answered per version. With several workers, a worker leaves a share of what waits to the
+others that are idle, so they scan side by side (taking everything, one worker did all the
+scanning while the rest slept). A batch's answers go back to the event loop in one
 `call_soon_threadsafe` (one wake-up of the loop per batch, not per query).
 """
 
@@ -43,6 +45,7 @@ class Batcher:
             raise ValueError(f"--max-batch and --search-workers must be >= 1, got {max_batch} and {workers}")
         self.max_batch, self.on_batch = max_batch, on_batch
         self._queue: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
+        self._idle, self._idle_lock = 0, threading.Lock()  # workers waiting for a job
         self._threads = [threading.Thread(target=self._loop, name=f"search-{i}", daemon=True) for i in range(workers)]
 
     async def search(self, model, k: int, *, pixels: np.ndarray | None = None, code: np.ndarray | None = None,
@@ -64,14 +67,21 @@ class Batcher:
 
     def run_once(self, block: bool = True) -> int:
         """Take what is queued (waiting for one job if `block`), answer it; the number of jobs, -1 on stop."""
+        with self._idle_lock:
+            self._idle += 1
         try:
             first = self._queue.get(block=block)
         except queue.Empty:
             return 0
+        finally:
+            with self._idle_lock:
+                self._idle -= 1
+                others_idle = self._idle
         if first is None:
             return -1
         jobs = [first]
-        while len(jobs) < self.max_batch:
+        take = batch_share(1 + self._queue.qsize(), others_idle, self.max_batch)
+        while len(jobs) < take:
             try:
                 job = self._queue.get_nowait()
             except queue.Empty:
@@ -107,6 +117,11 @@ class Batcher:
     def _loop(self) -> None:
         while self.run_once() >= 0:
             pass
+
+
+def batch_share(waiting: int, others_idle: int, max_batch: int) -> int:
+    """How many of the `waiting` jobs one worker takes: an even share with the idle workers, at most `max_batch`."""
+    return max(1, min(max_batch, -(-waiting // (1 + others_idle))))
 
 
 def _deliver(jobs: list[Job]) -> None:
