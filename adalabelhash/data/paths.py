@@ -10,11 +10,16 @@ from __future__ import annotations
 import os
 import posixpath
 import re
+from itertools import islice
+from typing import Iterable, Iterator
 
 from adalabelhash.errors import UserError
 
 
 _URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
+# Objects fetched together by `read_many`: enough to keep a store's connection pool busy (s3fs
+# opens 10 connections), few enough that their bytes stay small (128 photos of 1 MB per process).
+FETCH_WINDOW = 128
 
 
 def is_url(root: str | os.PathLike) -> bool:
@@ -61,6 +66,50 @@ def read_bytes(path: str | os.PathLike) -> bytes:
         raise
     except Exception as exc:  # noqa: BLE001 - botocore, aiohttp, google-auth... raise their own types
         raise _store_error(path, exc) from None
+
+
+def read_many(paths: Iterable[str | os.PathLike | Exception]) -> Iterator[bytes | Exception]:
+    """`read_bytes` of each path, in order, with an unreadable file's OSError in its place (not raised).
+
+    Local files are read one at a time, as `read_bytes` reads them. Objects at URLs are fetched
+    FETCH_WINDOW at a time, concurrently: one GET after another waits a round trip each (10-50 ms
+    on S3). A store that cannot be reached at all is still one UserError. An item that is already
+    an exception (a path the caller refused) is passed through, so results stay aligned with rows.
+    """
+    paths = iter(paths)
+    while window := list(islice(paths, FETCH_WINDOW)):
+        fetched = _fetch([path for path in window if is_url(path)])
+        for path in window:
+            if isinstance(path, Exception):
+                yield path
+            elif is_url(path):
+                yield fetched[path]
+            else:
+                try:
+                    data = read_bytes(path)
+                except OSError as exc:
+                    data = exc
+                yield data
+
+
+def _fetch(urls: list[str]) -> dict[str, bytes | OSError]:
+    """{url: content or OSError}: one concurrent call per filesystem (fsspec's `cat_ranges` gathers
+    the GETs of an async one such as s3fs; unlike `cat`, it does not expand `[`, `*`, `?` as globs)."""
+    by_filesystem: dict = {}
+    for url in dict.fromkeys(urls):
+        fs, fs_path = url_filesystem(url)
+        by_filesystem.setdefault(fs, {})[url] = fs_path
+    fetched = {}
+    for fs, fs_paths in by_filesystem.items():
+        try:
+            contents = fs.cat_ranges(list(fs_paths.values()), None, None, on_error="return")
+        except Exception as exc:  # noqa: BLE001 - see read_bytes
+            raise _store_error(next(iter(fs_paths)), exc) from None
+        for url, content in zip(fs_paths, contents):
+            if isinstance(content, Exception) and not isinstance(content, OSError):
+                raise _store_error(url, content) from None
+            fetched[url] = content
+    return fetched
 
 
 def require_directory(path: str | os.PathLike, what: str, hint: str = "") -> None:
@@ -113,6 +162,13 @@ class DataRoot:
         self.root = root.rstrip("/") if self.url else os.fspath(root)
         self.real = self.root if self.url else os.path.realpath(root)
         self._folders: dict[str, str] = {}
+
+    def resolve_or_error(self, path: str) -> str | UserError:
+        """`resolve`, with a refusal returned rather than raised: to be reported per row (see `read_many`)."""
+        try:
+            return self.resolve(path)
+        except UserError as exc:
+            return exc
 
     def resolve(self, path: str) -> str:
         check_relative_path(path, self.root)
