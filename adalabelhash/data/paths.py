@@ -17,6 +17,9 @@ from adalabelhash.errors import UserError
 
 
 _URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
+# s3fs asks for an object's size before its GET (a HEAD: it would split one over 50 MB into ranged
+# GETs) unless told to use one connection per object: an image is fetched whole, in one GET.
+_ONE_GET = {"s3": {"max_concurrency": 1}, "s3a": {"max_concurrency": 1}}
 # Objects fetched together by `read_many`: enough to keep a store's connection pool busy (s3fs
 # opens 10 connections), few enough that their bytes stay small (128 photos of 1 MB per process).
 FETCH_WINDOW = 128
@@ -59,13 +62,10 @@ def read_bytes(path: str | os.PathLike) -> bytes:
     if not is_url(path):
         with open(path, "rb") as f:
             return f.read()
-    fs, fs_path = url_filesystem(path)
-    try:
-        return fs.cat_file(fs_path)  # one GET, no separate HEAD
-    except OSError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - botocore, aiohttp, google-auth... raise their own types
-        raise _store_error(path, exc) from None
+    data = _fetch([path])[path]
+    if isinstance(data, OSError):
+        raise data
+    return data
 
 
 def read_many(paths: Iterable[str | os.PathLike | Exception]) -> Iterator[bytes | Exception]:
@@ -101,10 +101,12 @@ def _fetch(urls: list[str]) -> dict[str, bytes | OSError]:
         by_filesystem.setdefault(fs, {})[url] = fs_path
     fetched = {}
     for fs, fs_paths in by_filesystem.items():
+        first = next(iter(fs_paths))
+        options = _ONE_GET.get(first.split("://", 1)[0], {})
         try:
-            contents = fs.cat_ranges(list(fs_paths.values()), None, None, on_error="return")
-        except Exception as exc:  # noqa: BLE001 - see read_bytes
-            raise _store_error(next(iter(fs_paths)), exc) from None
+            contents = fs.cat_ranges(list(fs_paths.values()), None, None, on_error="return", **options)
+        except Exception as exc:  # noqa: BLE001 - botocore, aiohttp, google-auth... raise their own types
+            raise _store_error(first, exc) from None
         for url, content in zip(fs_paths, contents):
             if isinstance(content, Exception) and not isinstance(content, OSError):
                 raise _store_error(url, content) from None
