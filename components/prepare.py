@@ -101,8 +101,7 @@ def _require_under_root(params: PrepareParams) -> None:
 
 def hash_files(root: str, paths: list[str]) -> list[tuple[str | None, str | None]]:
     """(hex digest, None) or (None, why not) per path: every unreadable file is reported, not just the first."""
-    from adalabelhash.data.images import cannot_read
-    from adalabelhash.data.paths import DataRoot, join, read_many
+    from adalabelhash.data.paths import DataRoot, cannot_read, join, read_many
     from adalabelhash.errors import UserError
 
     data_root = DataRoot(root)

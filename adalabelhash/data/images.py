@@ -14,7 +14,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from adalabelhash.data.paths import DataRoot, read_many
+from adalabelhash.data.paths import DataRoot, cannot_read, read_many
 from adalabelhash.errors import UserError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
@@ -62,11 +62,6 @@ def to_rgb(image: Image.Image) -> Image.Image:
         rgb.paste(rgba, mask=rgba.getchannel("A"))
         return rgb
     return image if image.mode == "RGB" else image.convert("RGB")
-
-
-def cannot_read(name: str | os.PathLike, exc: OSError) -> str:
-    """Why a file could not be read, in one line naming it."""
-    return f"{name}: cannot read ({exc.strerror or exc})"
 
 
 def read_rgb(path: str | os.PathLike) -> Image.Image:

@@ -21,7 +21,8 @@ _URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
 # GETs) unless told to use one connection per object: an image is fetched whole, in one GET.
 _ONE_GET = {"s3": {"max_concurrency": 1}, "s3a": {"max_concurrency": 1}}
 # Objects fetched together by `read_many`: enough to keep a store's connection pool busy (s3fs
-# opens 10 connections), few enough that their bytes stay small (128 photos of 1 MB per process).
+# opens 10 connections), few enough that their bytes stay small (128 photos of 1 MB per process;
+# `map_chunks` hands a process up to a quarter of its share of the paths at once, 25,000 of 200,000).
 FETCH_WINDOW = 128
 
 
@@ -51,6 +52,11 @@ def url_filesystem(url: str):
 def _store_error(url: str, exc: Exception) -> UserError:
     """A store's own failure (unreachable endpoint, refused credentials) as one line naming `url`."""
     return UserError(f"{url}: cannot read from the object store ({type(exc).__name__}: {exc})")
+
+
+def cannot_read(name: str | os.PathLike, exc: OSError) -> str:
+    """Why a file could not be read, in one line naming it."""
+    return f"{name}: cannot read ({exc.strerror or exc})"
 
 
 def read_bytes(path: str | os.PathLike) -> bytes:
