@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import os
 import shutil
@@ -230,13 +231,25 @@ def test_the_gate_names_missing_and_corrupt_objects_by_url(s3, tmp_path):
     assert f"{corrupt}: " in failed.value.details and "sha256" in failed.value.details
 
 
+@contextlib.contextmanager
+def _s3_endpoint(url: str, restore: str):
+    """This process's S3 endpoint set to `url` for a while (fsspec's config, fresh filesystems)."""
+    import fsspec.config
+    from s3fs import S3FileSystem
+
+    fsspec.config.conf["s3"]["endpoint_url"] = url
+    S3FileSystem.clear_instance_cache()
+    try:
+        yield
+    finally:
+        fsspec.config.conf["s3"]["endpoint_url"] = restore
+        S3FileSystem.clear_instance_cache()
+
+
 @pytest.fixture()
 def requests_in_flight(s3):
     """A plain TCP relay in front of the store, made this process's S3 endpoint for the test, that
     records the most requests awaiting their response at once: reads one after another make it 1."""
-    import fsspec.config
-    from s3fs import S3FileSystem
-
     upstream = int(s3["endpoint"].rsplit(":", 1)[1])
     listener = socket.create_server(("127.0.0.1", 0))
     seen = {"waiting": 0, "peak": 0}
@@ -275,13 +288,10 @@ def requests_in_flight(s3):
             threading.Thread(target=serve, args=(client,), daemon=True).start()
 
     threading.Thread(target=accept, daemon=True).start()
-    fsspec.config.conf["s3"]["endpoint_url"] = f"http://127.0.0.1:{listener.getsockname()[1]}"
-    S3FileSystem.clear_instance_cache()
     try:
-        yield seen
+        with _s3_endpoint(f"http://127.0.0.1:{listener.getsockname()[1]}", s3["endpoint"]):
+            yield seen
     finally:
-        fsspec.config.conf["s3"]["endpoint_url"] = s3["endpoint"]
-        S3FileSystem.clear_instance_cache()
         listener.close()
 
 
@@ -326,6 +336,21 @@ def test_prepare_and_the_gate_keep_per_object_errors(s3, requests_in_flight):
     assert [digest for digest, _ in hashed[:40] + hashed[42:]] == \
         [hashlib.sha256((s3["local"] / rows[i]).read_bytes()).hexdigest() for i in present]
     assert facts_for(str(s3["local"]), paths) == facts[:40] + facts[42:]
+
+
+@pytest.mark.slow
+def test_a_store_lost_during_a_file_pass_is_one_error(s3):
+    """The GETs of prepare's hashing and of the gate fail to connect: one UserError naming an object,
+    not one error per file and not the driver's exception (botocore retries for a few seconds)."""
+    from adalabelhash.data.images import facts_for
+    from components.prepare import hash_files
+
+    rows = ["0/a.png", "1/b.png", "../outside.png"]
+    with _s3_endpoint(f"http://127.0.0.1:{free_port()}", s3["endpoint"]):
+        for file_pass in (hash_files, facts_for):
+            with pytest.raises(UserError, match=f"^{s3['url']}/0/a.png: cannot read from the object store "
+                                                r"\(EndpointConnectionError: "):
+                file_pass(s3["url"], rows)
 
 
 def test_list_files_are_read_from_the_bucket(s3, tmp_path):
