@@ -98,14 +98,9 @@ def image_facts(path: str | os.PathLike, name: str | None = None) -> dict[str, A
 def _facts(data: bytes | Exception, name: str) -> dict[str, Any]:
     """`image_facts` of a file's content, or of why there is none (see `read_many`)."""
     facts: dict[str, Any] = {**dict.fromkeys(FACT_COLUMNS), "found": False, "decodable": False}
-    if isinstance(data, FileNotFoundError):
-        facts["error"] = f"{name}: file not found"
-        return facts
-    if isinstance(data, OSError):
-        facts["error"] = cannot_read(name, data)
-        return facts
-    if isinstance(data, UserError):  # a path refused before any read
-        facts["error"] = str(data)
+    if isinstance(data, Exception):  # missing, unreadable, or a path refused before any read
+        facts["error"] = (f"{name}: file not found" if isinstance(data, FileNotFoundError)
+                          else cannot_read(name, data) if isinstance(data, OSError) else str(data))
         return facts
     facts.update(found=True, bytes=len(data), file_sha256=hashlib.sha256(data).hexdigest())
     try:
@@ -125,8 +120,8 @@ def _facts(data: bytes | Exception, name: str) -> dict[str, Any]:
 def facts_for(root: str, paths: list) -> list[dict[str, Any]]:
     """`image_facts` for manifest paths; an unsafe or null path becomes an `error`, not a raise."""
     data_root = DataRoot(root)
-    resolved = [data_root.resolve_or_error(path) if isinstance(path, str) else UserError(f"row without a path ({path!r})")
-                for path in paths]
+    resolved = [data_root.resolve_or_error(path) if isinstance(path, str)
+                else UserError(f"row without a path ({path!r})") for path in paths]
     return [_facts(data, full if data_root.url else path)  # an object is named by its URL
             for path, full, data in zip(paths, resolved, read_many(resolved))]
 
