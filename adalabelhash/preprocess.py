@@ -15,11 +15,16 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
-from adalabelhash.data.images import read_rgb
+from adalabelhash.data.images import read_rgb, read_rgbs
 
 
 def load_image(path: str | Path, size: int) -> np.ndarray:
     return fit_image(read_rgb(path), size)
+
+
+def load_batch(paths: Sequence[str | Path], size: int) -> np.ndarray:
+    """`load_image` of each path -> uint8 (N, size, size, 3); objects at URLs are fetched together."""
+    return np.stack([fit_image(image, size) for image in read_rgbs(paths)])
 
 
 def fit_image(image: Image.Image, size: int) -> np.ndarray:

@@ -30,11 +30,11 @@ class DecodedFiles:
 
     def rows(self, index: list[int]) -> np.ndarray:
         """These images as uint8 N x H x W x 3."""
-        from adalabelhash.preprocess import load_image
+        from adalabelhash.preprocess import load_batch
 
         if not index:
             return np.zeros((0, self.size, self.size, 3), np.uint8)
-        return np.stack([load_image(self.paths[i], self.size) for i in index])
+        return load_batch([self.paths[i] for i in index], self.size)
 
     def __getitem__(self, index: torch.Tensor) -> torch.Tensor:
         return _nchw(self.rows(index.tolist()))

@@ -182,10 +182,11 @@ def load_query_real(encoded_dir: Path) -> np.ndarray:
 
 
 def iter_decoded_batches(paths: Sequence[Path], size: int, batch_size: int, threads: int) -> Iterator[np.ndarray]:
-    """Model-ready float batches, decoded by a thread pool that stays `threads` batches ahead."""
+    """Model-ready float batches, decoded by a thread pool that stays `threads` batches ahead
+    (a thread per batch: its objects, under a URL root, are fetched together)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from adalabelhash.preprocess import load_image, to_model_input
+    from adalabelhash.preprocess import load_batch, to_model_input
 
     starts = range(0, len(paths), batch_size)
     with ThreadPoolExecutor(threads) as pool:
@@ -194,13 +195,13 @@ def iter_decoded_batches(paths: Sequence[Path], size: int, batch_size: int, thre
         for _ in range(threads + 1):
             start = next(ahead, None)
             if start is not None:
-                pending.append([pool.submit(load_image, p, size) for p in paths[start : start + batch_size]])
+                pending.append(pool.submit(load_batch, paths[start : start + batch_size], size))
         while pending:
-            futures = pending.popleft()
+            future = pending.popleft()
             start = next(ahead, None)
             if start is not None:
-                pending.append([pool.submit(load_image, p, size) for p in paths[start : start + batch_size]])
-            yield to_model_input(np.stack([f.result() for f in futures]))
+                pending.append(pool.submit(load_batch, paths[start : start + batch_size], size))
+            yield to_model_input(future.result())
 
 
 def shard_key(onnx_path: Path, dataset_fingerprint: str) -> str:

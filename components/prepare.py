@@ -101,18 +101,18 @@ def _require_under_root(params: PrepareParams) -> None:
 
 def hash_files(root: str, paths: list[str]) -> list[tuple[str | None, str | None]]:
     """(hex digest, None) or (None, why not) per path: every unreadable file is reported, not just the first."""
-    from adalabelhash.data.paths import DataRoot, join, read_bytes
+    from adalabelhash.data.paths import DataRoot, cannot_read, join, read_many
     from adalabelhash.errors import UserError
 
     data_root = DataRoot(root)
     hashed = []
-    for path in paths:
-        try:
-            hashed.append((hashlib.sha256(read_bytes(data_root.resolve(path))).hexdigest(), None))
-        except UserError as exc:
-            hashed.append((None, str(exc)))
-        except OSError as exc:
-            hashed.append((None, f"{join(root, path)}: cannot read ({exc.strerror or exc})"))
+    for path, data in zip(paths, read_many(map(data_root.resolve_or_error, paths))):
+        if isinstance(data, UserError):
+            hashed.append((None, str(data)))
+        elif isinstance(data, OSError):
+            hashed.append((None, cannot_read(join(root, path), data)))
+        else:
+            hashed.append((hashlib.sha256(data).hexdigest(), None))
     return hashed
 
 

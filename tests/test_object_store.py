@@ -4,11 +4,14 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import os
 import shutil
+import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -226,6 +229,128 @@ def test_the_gate_names_missing_and_corrupt_objects_by_url(s3, tmp_path):
         validate(ValidateParams(), summary["manifest"], tmp_path / "validate")
     assert f"{gone}: file not found" in failed.value.details
     assert f"{corrupt}: " in failed.value.details and "sha256" in failed.value.details
+
+
+@contextlib.contextmanager
+def _s3_endpoint(url: str, restore: str):
+    """This process's S3 endpoint set to `url` for a while (fsspec's config, fresh filesystems)."""
+    import fsspec.config
+    from s3fs import S3FileSystem
+
+    fsspec.config.conf["s3"]["endpoint_url"] = url
+    S3FileSystem.clear_instance_cache()
+    try:
+        yield
+    finally:
+        fsspec.config.conf["s3"]["endpoint_url"] = restore
+        S3FileSystem.clear_instance_cache()
+
+
+@pytest.fixture()
+def requests_in_flight(s3):
+    """A plain TCP relay in front of the store, made this process's S3 endpoint for the test, that
+    records the most requests awaiting their response at once: reads one after another make it 1."""
+    upstream = int(s3["endpoint"].rsplit(":", 1)[1])
+    listener = socket.create_server(("127.0.0.1", 0))
+    seen = {"waiting": 0, "peak": 0}
+    lock = threading.Lock()
+
+    def serve(client):
+        server = socket.create_connection(("127.0.0.1", upstream))
+        waiting = [False]  # this connection's request has been sent on, its response not yet come back
+
+        def forward(source, target, is_request):
+            try:
+                while data := source.recv(1 << 16):
+                    with lock:
+                        if waiting[0] != is_request:
+                            waiting[0] = is_request
+                            seen["waiting"] += 1 if is_request else -1
+                            seen["peak"] = max(seen["peak"], seen["waiting"])
+                    target.sendall(data)
+                target.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
+
+        back = threading.Thread(target=forward, args=(server, client, False), daemon=True)
+        back.start()
+        forward(client, server, True)
+        back.join(timeout=30)
+        client.close()
+        server.close()
+
+    def accept():
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:  # closed at the end of the test
+                return
+            threading.Thread(target=serve, args=(client,), daemon=True).start()
+
+    threading.Thread(target=accept, daemon=True).start()
+    try:
+        with _s3_endpoint(f"http://127.0.0.1:{listener.getsockname()[1]}", s3["endpoint"]):
+            yield seen
+    finally:
+        listener.close()
+
+
+def test_read_many_fetches_objects_together_with_their_own_errors(s3, requests_in_flight):
+    """Every object of the bucket, a missing one and a local file among them: the same bytes as one
+    read at a time, each failure in its own place, and the objects' GETs in flight together."""
+    from adalabelhash.data.paths import FETCH_WINDOW, read_bytes, read_many
+
+    local = sorted(s3["local"].rglob("*.png"))
+    urls = [f"{s3['url']}/{p.relative_to(s3['local']).as_posix()}" for p in local]
+    assert len(urls) > FETCH_WINDOW  # more than one window
+    missing, refused = f"{s3['url']}/3/missing.png", UserError("a path refused by the caller")
+    paths = [*urls[:5], missing, str(local[1]), refused, *urls[5:], missing]
+    results = list(read_many(paths))
+    assert requests_in_flight["peak"] > 1, "the objects were fetched one after another"
+    assert len(results) == len(paths)
+    assert results[0] == local[0].read_bytes() and results[6] == local[1].read_bytes() and results[7] is refused
+    assert isinstance(results[5], FileNotFoundError) and isinstance(results[-1], FileNotFoundError)
+    assert [read_bytes(path) for path in urls] == results[:5] + results[8:-1]
+
+
+def test_prepare_and_the_gate_keep_per_object_errors(s3, requests_in_flight):
+    """hash_files and facts_for with a missing object and a refused path among the bucket's: the
+    hashes and facts of the local copy, each failure named as one read at a time names it."""
+    import hashlib
+
+    from adalabelhash.data.images import facts_for
+    from adalabelhash.data.paths import read_bytes
+    from components.prepare import hash_files
+
+    paths = sorted(p.relative_to(s3["local"]).as_posix() for p in s3["local"].rglob("*.png"))
+    rows = [*paths[:40], "3/missing.png", "../outside.png", *paths[40:]]
+    hashed, facts = hash_files(s3["url"], rows), facts_for(s3["url"], rows)
+    assert requests_in_flight["peak"] > 1
+    missing = f"{s3['url']}/3/missing.png"
+    with pytest.raises(FileNotFoundError) as gone:
+        read_bytes(missing)
+    assert hashed[40] == (None, f"{missing}: cannot read ({gone.value.strerror or gone.value})")
+    assert facts[40]["error"] == f"{missing}: file not found" and not facts[40]["found"]
+    assert hashed[41][0] is None and facts[41]["error"] == hashed[41][1] and "'..'" in hashed[41][1]
+    present = [i for i in range(len(rows)) if i not in (40, 41)]
+    assert [digest for digest, _ in hashed[:40] + hashed[42:]] == \
+        [hashlib.sha256((s3["local"] / rows[i]).read_bytes()).hexdigest() for i in present]
+    assert facts_for(str(s3["local"]), paths) == facts[:40] + facts[42:]
+
+
+@pytest.mark.slow
+def test_a_store_lost_during_a_file_pass_is_one_error(s3):
+    """The GETs of prepare's hashing and of the gate fail to connect: one UserError naming an object,
+    not one error per file and not the driver's exception (botocore retries for a few seconds)."""
+    from adalabelhash.data.images import facts_for
+    from components.prepare import hash_files
+
+    rows = ["0/a.png", "1/b.png", "../outside.png"]
+    with _s3_endpoint(f"http://127.0.0.1:{free_port()}", s3["endpoint"]):
+        for file_pass in (hash_files, facts_for):
+            with pytest.raises(UserError, match=f"^{s3['url']}/0/a.png: cannot read from the object store "
+                                                r"\(EndpointConnectionError: "):
+                file_pass(s3["url"], rows)
 
 
 def test_list_files_are_read_from_the_bucket(s3, tmp_path):

@@ -10,11 +10,11 @@ import hashlib
 import io
 import os
 from concurrent.futures import ProcessPoolExecutor
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from adalabelhash.data.paths import DataRoot, read_bytes
+from adalabelhash.data.paths import DataRoot, cannot_read, read_many
 from adalabelhash.errors import UserError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
@@ -68,11 +68,15 @@ def read_rgb(path: str | os.PathLike) -> Image.Image:
     """Decode `path` (a file, or an object at a URL) fully and return it upright, as RGB (grayscale,
     palette, RGBA, CMYK... accepted). Upright: a camera photo's EXIF orientation is applied, so the
     model sees what a viewer shows."""
-    try:
-        data = read_bytes(path)
-    except OSError as exc:
-        raise UserError(f"{path}: cannot read ({exc.strerror or exc})") from None
-    return decode_rgb(data, path)
+    return next(read_rgbs([path]))
+
+
+def read_rgbs(paths: Sequence[str | os.PathLike]) -> Iterator[Image.Image]:
+    """`read_rgb` of each path, the files read by `read_many` (objects at URLs fetched concurrently)."""
+    for path, data in zip(paths, read_many(paths)):
+        if isinstance(data, OSError):
+            raise UserError(cannot_read(path, data)) from None
+        yield decode_rgb(data, path)
 
 
 def decode_rgb(data: bytes, name: str | os.PathLike) -> Image.Image:
@@ -88,15 +92,15 @@ def image_facts(path: str | os.PathLike, name: str | None = None) -> dict[str, A
     Never raises for a bad file: the reason goes into `error` (naming the file as `name`, e.g.
     its manifest path, default `path`) so the gate can list every bad file.
     """
-    name = name or str(path)
+    return _facts(next(read_many([path])), name or str(path))
+
+
+def _facts(data: bytes | Exception, name: str) -> dict[str, Any]:
+    """`image_facts` of a file's content, or of why there is none (see `read_many`)."""
     facts: dict[str, Any] = {**dict.fromkeys(FACT_COLUMNS), "found": False, "decodable": False}
-    try:
-        data = read_bytes(path)
-    except FileNotFoundError:
-        facts["error"] = f"{name}: file not found"
-        return facts
-    except OSError as exc:
-        facts["error"] = f"{name}: cannot read ({exc.strerror or exc})"
+    if isinstance(data, Exception):  # missing, unreadable, or a path refused before any read
+        facts["error"] = (f"{name}: file not found" if isinstance(data, FileNotFoundError)
+                          else cannot_read(name, data) if isinstance(data, OSError) else str(data))
         return facts
     facts.update(found=True, bytes=len(data), file_sha256=hashlib.sha256(data).hexdigest())
     try:
@@ -116,17 +120,10 @@ def image_facts(path: str | os.PathLike, name: str | None = None) -> dict[str, A
 def facts_for(root: str, paths: list) -> list[dict[str, Any]]:
     """`image_facts` for manifest paths; an unsafe or null path becomes an `error`, not a raise."""
     data_root = DataRoot(root)
-    facts = []
-    for path in paths:
-        try:
-            if not isinstance(path, str):
-                raise UserError(f"row without a path ({path!r})")
-            full = data_root.resolve(path)
-        except UserError as exc:
-            facts.append({**dict.fromkeys(FACT_COLUMNS), "found": False, "decodable": False, "error": str(exc)})
-            continue
-        facts.append(image_facts(full, full if data_root.url else path))  # an object is named by its URL
-    return facts
+    resolved = [data_root.resolve_or_error(path) if isinstance(path, str)
+                else UserError(f"row without a path ({path!r})") for path in paths]
+    return [_facts(data, full if data_root.url else path)  # an object is named by its URL
+            for path, full, data in zip(paths, resolved, read_many(resolved))]
 
 
 def map_chunks(fn: Callable[[list], list], items: Iterable, workers: int = 0) -> list:
