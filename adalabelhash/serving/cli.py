@@ -29,8 +29,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-k", type=int, default=1000)
     # one intra-op thread per search worker keeps a busy machine from stalling every call
     parser.add_argument("--max-batch", type=int, default=32, help="most queries answered by one search call")
-    # one per core: idle workers cost nothing (a busy one leaves them a share of the queue), and on
-    # 2 cores two answered 15-25 % more id queries than one (benchmarks/serve/README.md)
+    # one per core: idle workers cost nothing (a busy one leaves them a share of the queue); on 2 cores
+    # two answered 15-30 % more image queries on 1M codes than one, as many id queries, and fewer of
+    # both on the 1,597 digits, where the scan is not the cost (benchmarks/serve/README.md)
     parser.add_argument("--search-workers", type=int, default=len(os.sched_getaffinity(0)),
                         help="threads running batched searches, each one ORT + one faiss thread (default: one per usable core)")
     parser.add_argument("--ort-threads", type=int, default=1, help="onnxruntime intra-op threads per search call (0: its default)")

@@ -268,7 +268,7 @@ def main() -> None:
     parser.add_argument("--build", type=Path, required=True, help="build/ of a finished pipeline run")
     parser.add_argument("--data-root", type=Path, required=True)
     parser.add_argument("--million", type=int, default=1_000_000, help="synthetic database size")
-    parser.add_argument("--requests", type=int, default=150, help="requests per measured run")
+    parser.add_argument("--requests", type=int, default=600, help="requests per measured run")
     parser.add_argument("--repeats", type=int, default=3, help="runs per measurement; the fastest is kept")
     parser.add_argument("--k", type=int, default=100)
     parser.add_argument("--out", type=Path, default=HERE / "results.json")
