@@ -500,9 +500,11 @@ def test_swap_under_load_fails_no_request_and_every_answer_matches_its_version(s
 
 
 @pytest.mark.slow
-def test_webhook_moves_the_service_within_seconds_and_unsigned_calls_are_refused(registry, tmp_path):
+def test_webhook_moves_every_process_of_the_service_within_seconds_and_unsigned_calls_are_refused(registry, tmp_path):
     uri = registry["uri"]
-    svc = Service(tmp_path, uri, "--alias", "live", "--poll-seconds", "600", env={"ADALABELHASH_WEBHOOK_SECRET": SECRET})
+    # two worker processes: the one that receives the webhook wakes the other (polling is 10 minutes away)
+    svc = Service(tmp_path, uri, "--alias", "live", "--poll-seconds", "600", "--processes", "2", "--search-workers", "1",
+                  env={"ADALABELHASH_WEBHOOK_SECRET": SECRET})
     client = tracking.client(uri)
     hook = client.create_webhook("serve-test", f"{svc.url}/webhook", events=["model_version_alias.created"], secret=SECRET)
     try:
@@ -513,6 +515,14 @@ def test_webhook_moves_the_service_within_seconds_and_unsigned_calls_are_refused
             set_alias(uri, "live", version)
             waited = svc.wait_for(version, 15)
             print(f"webhook: v{version} served {waited:.1f} s after the alias moved")
+            seen, deadline = {}, time.monotonic() + 15
+            while time.monotonic() < deadline:  # a new connection per request: both processes answer in turn
+                health = requests.get(f"{svc.url}/health", timeout=10).json()
+                if "process" in health:  # a process with no version yet answers 503 without it
+                    seen[health["process"]] = health["model_version"]
+                if len(seen) == 2 and set(seen.values()) == {version}:
+                    break
+            assert len(seen) == 2 and set(seen.values()) == {version}, seen
         forged = requests.post(f"{svc.url}/webhook", json={"entity": "model_version_alias", "data": {"name": NAME}},
                                headers={"X-MLflow-Signature": "v1,AAAA", "X-MLflow-Delivery-Id": "x",
                                         "X-MLflow-Timestamp": str(int(time.time()))}, timeout=10)

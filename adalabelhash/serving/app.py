@@ -1,6 +1,6 @@
 """The HTTP API (FastAPI). Every error is JSON `{"error": "..."}` with a 4xx/5xx status.
 
-  GET  /health            200 {"model_version", "bits", "codes"} once a version is loaded, else 503
+  GET  /health            200 {"model_version", "bits", "codes", "process"} once a version is loaded, else 503
   POST /search?k=&rerank= multipart field `image` -> {"model_version", "results": [{"id", "label",
                           "path", "distance"(, "rerank_distance")}, ...]}, nearest first
   GET  /search/{id}?k=    the same with database item `id` (manifest row id) as the query
@@ -18,11 +18,13 @@ needs `Authorization: Bearer <token>`.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import hmac
 import io
 import json
+import os
 import time
 from dataclasses import dataclass
 
@@ -47,6 +49,7 @@ class ApiSettings:
     max_rerank: int = 10000
     token: str | None = None  # bearer token; None: open
     webhook_secret: str | None = None  # None: /webhook is off (404)
+    wake_siblings: bool = False  # one of several worker processes: a webhook wakes the others (SIGWINCH) too
 
 
 class ApiError(Exception):
@@ -93,6 +96,10 @@ def create_app(follower: Follower, settings: ApiSettings, batcher: Batcher | Non
     async def lifespan(app):
         batcher.start()
         follower.start()
+        if settings.wake_siblings:  # a sibling process that received the webhook says the alias moved
+            import signal
+
+            asyncio.get_running_loop().add_signal_handler(signal.SIGWINCH, follower.wake)
         yield
         await run_in_threadpool(follower.stop)
         await run_in_threadpool(batcher.stop)
@@ -141,7 +148,8 @@ def create_app(follower: Follower, settings: ApiSettings, batcher: Batcher | Non
         model = follower.current
         if model is None:
             return error(503, f"no version of {follower.name}@{follower.alias} loaded yet")
-        return {"model_version": model.version, "bits": model.database.bits, "codes": len(model.database)}
+        return {"model_version": model.version, "bits": model.database.bits, "codes": len(model.database),
+                "process": os.getpid()}  # which worker answered, with --processes
 
     @app.get("/metrics")
     def metrics():
@@ -188,6 +196,8 @@ def create_app(follower: Follower, settings: ApiSettings, batcher: Batcher | Non
             raise ApiError(400, "webhook body is not a JSON object") from None
         if event.get("entity") == "model_version_alias" and data.get("name") == follower.name:
             follower.wake()  # the follower reads the alias itself: the payload only says when
+            if settings.wake_siblings:
+                wake_sibling_processes()
         return {"received": f"{event.get('entity')}.{event.get('action')}"}
 
     return app
@@ -312,6 +322,26 @@ def answer(model: ServedModel, distances, positions, rerank_distances=None):
         for result, value in zip(results, rerank_distances):
             result["rerank_distance"] = round(float(value), 4)
     return Response(orjson.dumps({"model_version": model.version, "results": results}), media_type="application/json")
+
+
+def wake_sibling_processes() -> None:
+    """SIGWINCH to the other worker processes of this service (children of the same uvicorn
+    supervisor). Its default action is to ignore it, so a sibling still starting (handler not yet
+    installed) is not killed: it loads the current version anyway. Where the siblings cannot be
+    listed, they follow at their next poll."""
+    import signal
+
+    parent = os.getppid()
+    try:
+        with open(f"/proc/{parent}/task/{parent}/children") as f:
+            siblings = [int(pid) for pid in f.read().split() if int(pid) != os.getpid()]
+    except OSError:
+        return
+    for pid in siblings:
+        try:
+            os.kill(pid, signal.SIGWINCH)
+        except OSError:
+            pass
 
 
 def verify_signature(secret: str, headers, body: bytes) -> None:

@@ -191,10 +191,11 @@ def compare(model, service: Service, database: Database, images: list[bytes], k:
     import psutil
 
     server = psutil.Process(service.proc.pid)  # the service's own CPU time: the client's is not its cost
-    clocks = {"raw": time.process_time, "service": lambda: sum(server.cpu_times()[:2])}
+    workers = server.children()  # with --processes N: the worker processes under uvicorn's supervisor
+    clocks = {"raw": time.process_time, "service": lambda: sum(sum(p.cpu_times()[:2]) for p in [server, *workers])}
 
-    def loop_cpu():  # CPU seconds of the service's main thread, where uvicorn's event loop runs
-        return next(t.user_time + t.system_time for t in server.threads() if t.id == server.pid)
+    def loop_cpu():  # CPU seconds of the main threads, where the event loops run
+        return sum(next(t.user_time + t.system_time for t in p.threads() if t.id == p.pid) for p in workers or [server])
 
     def measured(side, call, items, clients):
         if side == "raw":
@@ -202,7 +203,8 @@ def compare(model, service: Service, database: Database, images: list[bytes], k:
         before, loop_before = service.batches(), loop_cpu()
         run = timed_requests(service.port, items, clients, clocks[side])
         after, loop_after = service.batches(), loop_cpu()
-        run["mean_batch"] = round((after[0] - before[0]) / max(1.0, after[1] - before[1]), 2)  # queries per search call
+        # queries per search call (with --processes N, /metrics is one worker's: not recorded)
+        run["mean_batch"] = None if workers else round((after[0] - before[0]) / max(1.0, after[1] - before[1]), 2)
         # the event loop's own share (HTTP, routing, answers); the rest is the search and decode threads
         run["loop_cpu_ms_per_query"] = round(1000 * (loop_after - loop_before) / len(items), 3)
         return run
