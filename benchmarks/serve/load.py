@@ -50,9 +50,9 @@ async def _client(port: int, requests: list[bytes], next_index, latencies: np.nd
         writer.close()
 
 
-def run_load(port: int, requests: list[bytes], clients: int, keep_answers: bool = False) -> dict:
-    """Send every request once over `clients` connections; latencies (s), wall and client CPU seconds,
-    and the answers' bodies if asked."""
+def run_load(port: int | list[int], requests: list[bytes], clients: int, keep_answers: bool = False) -> dict:
+    """Send every request once over `clients` connections (round-robin over the ports, if several);
+    latencies (s), wall and client CPU seconds, and the answers' bodies if asked."""
     import uvloop
 
     latencies = np.empty(len(requests))
@@ -60,8 +60,9 @@ def run_load(port: int, requests: list[bytes], clients: int, keep_answers: bool 
     counter = iter(range(len(requests) + clients))
 
     async def main():
-        await asyncio.gather(*(_client(port, requests, lambda: next(counter), latencies, answers)
-                               for _ in range(min(clients, len(requests)))))
+        ports = port if isinstance(port, list) else [port]
+        await asyncio.gather(*(_client(ports[c % len(ports)], requests, lambda: next(counter), latencies, answers)
+                               for c in range(min(clients, len(requests)))))
 
     cpu, started = time.process_time(), time.perf_counter()
     uvloop.run(main())

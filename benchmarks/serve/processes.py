@@ -9,34 +9,17 @@ thread and back. Uses a store that run.py wrote (its databases are registered th
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from adalabelhash.database import load_database  # noqa: E402
-from benchmarks.serve.load import _client, get_request  # noqa: E402
+from benchmarks.serve.load import get_request, run_load  # noqa: E402
 from benchmarks.serve.run import Service, raw_calls, timed_calls  # noqa: E402
-
-
-def spread_load(ports: list[int], requests: list[bytes], clients: int) -> float:
-    """Queries/s of `requests` sent over `clients` connections, round-robin over the ports."""
-    import uvloop
-
-    latencies, next_index = np.empty(len(requests)), iter(range(len(requests) + clients))
-
-    async def main():
-        await asyncio.gather(*(_client(ports[c % len(ports)], requests, lambda: next(next_index), latencies, None)
-                               for c in range(clients)))
-
-    started = time.perf_counter()
-    uvloop.run(main())
-    return len(requests) / (time.perf_counter() - started)
 
 
 def main() -> None:
@@ -61,10 +44,12 @@ def main() -> None:
         options = ["--search-workers", str(max(1, cores // processes))]
         services = [Service(work, uri, args.alias, options) for _ in range(processes)]
         try:
-            spread_load([s.port for s in services], requests[:200], args.clients)  # warm up
+            ports = [s.port for s in services]
+            run_load(ports, requests[:200], args.clients)  # warm up
             for _ in range(args.repeats):
                 raw = timed_calls(raw_search, positions, args.clients)["qps"]
-                served = spread_load([s.port for s in services], requests, args.clients)
+                load = run_load(ports, requests, args.clients)
+                served = len(requests) / load["wall"]
                 print(json.dumps({"processes": processes, "options": " ".join(options), "raw_qps": raw,
                                   "service_qps": round(served, 1), "service_over_raw": round(served / raw, 3),
                                   "loadavg": round(os.getloadavg()[0], 2)}), flush=True)
